@@ -117,11 +117,69 @@ class StorageConfig(Section):
     cache_dir: str = Field("~/.cache/bimors", description="local copies of remote model files")
 
 
+class DecodeConfig(Section):
+    """How raster tiles become 8-bit RGB: which bands, and how higher bit depths are stretched."""
+
+    bands: list[int] | None = Field(
+        None, description="1-based band indices mapped to R,G,B (e.g. [4, 3, 2] for Sentinel-2); default first three"
+    )
+    stretch: Literal["auto", "percentile", "minmax", "none"] = Field(
+        "auto", description="auto: 8-bit data as is, anything else percentile-stretched"
+    )
+    percentiles: tuple[float, float] = (2.0, 98.0)
+    max_pixels: int = Field(100_000_000, gt=0, description="larger images are refused (decompression bombs)")
+
+    @model_validator(mode="after")
+    def _ordered_percentiles(self) -> "DecodeConfig":
+        low, high = self.percentiles
+        if not 0 <= low < high <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {self.percentiles}")
+        return self
+
+
+class SyntheticConfig(Section):
+    """The procedural RS-like dataset used by the quickstart and tests."""
+
+    classes: list[str] = Field(
+        default_factory=lambda: [
+            "beach", "bridge", "dense_residential", "desert", "forest", "harbor",
+            "meadow", "parking", "river", "storage_tank",
+        ]
+    )
+    images_per_class: int = Field(24, ge=1)
+    image_size: int = Field(64, ge=16)
+    seed: int = 0
+
+
+class DataConfig(Section):
+    """Which tiles to read and how to split them (APPLeNet/BiMoRS protocols)."""
+
+    dataset: str | None = Field(
+        None, description="catalog name (patternnet, rsicd, ...); null: any class-folder tree, named after its folder"
+    )
+    root: str | None = Field(None, description="dataset root URI: class folders, or a split JSON beside the images")
+    split_file: str | None = Field(None, description="split JSON inside root; default: the catalog's, if present")
+    train_fraction: float = Field(0.5, gt=0, lt=1)
+    val_fraction: float = Field(0.2, ge=0, lt=1)
+    split_seed: int = 1
+    shots: int = Field(16, ge=0, description="K shots per class for training; 0 uses every training tile")
+    subsample: Literal["all", "base", "new"] = "all"
+    decode: DecodeConfig = DecodeConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="after")
+    def _fractions_leave_a_test_split(self) -> "DataConfig":
+        if self.train_fraction + self.val_fraction >= 1:
+            raise ValueError("train_fraction + val_fraction must leave room for a test split")
+        return self
+
+
 class Config(Section):
     """The whole run."""
 
     seed: int = 1
     storage: StorageConfig = StorageConfig()
+    data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     optim: OptimConfig = OptimConfig()
 

@@ -69,7 +69,7 @@ def _open_clip_source(cfg: BackboneConfig, storage_cfg: StorageConfig | None) ->
         folder = materialize(cfg.name, storage_cfg, cfg.create_if_missing, build_random_clip, "CLIP backbone")
         if not (folder / "open_clip_config.json").is_file():
             raise ModelUnavailableError(f"CLIP folder {cfg.name} has no open_clip_config.json")
-        if not any(folder.glob(pattern) for pattern in ("*.safetensors", "*.bin", "*.pth", "*.pt")):
+        if not any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.pth", "*.pt")):
             raise ModelUnavailableError(f"CLIP folder {cfg.name} holds no weights (*.safetensors, *.bin, *.pth)")
         return f"local-dir:{folder}", None
     pretrained = cfg.pretrained

@@ -1,0 +1,57 @@
+"""Tiny frozen models for tests: built from packaged configs on first use, saved to a temporary
+folder, and loaded back through the same code real weights use. Session-scoped: built once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bimors.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_config(model_dir: Path) -> Config:
+    """The quickstart config with its model folders redirected into the test's temporary folder."""
+    return load_config(
+        REPO / "configs" / "quickstart.yaml",
+        [
+            f"model.backbone.name={model_dir / 'clip-tiny'}",
+            f"model.captioner.name={model_dir / 'blip2-tiny'}",
+            f"storage.cache_dir={model_dir / 'cache'}",
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def backbone(tiny_config: Config):
+    from bimors.models.clip_backbone import FrozenCLIP
+
+    return FrozenCLIP.load(tiny_config.model.backbone, tiny_config.storage)
+
+
+@pytest.fixture(scope="session")
+def captioner(tiny_config: Config):
+    from bimors.models.captioner import Captioner
+
+    return Captioner.load(tiny_config.model.captioner, tiny_config.storage)
+
+
+@pytest.fixture(scope="session")
+def caption_encoder(tiny_config: Config):
+    from bimors.models.caption_encoder import CaptionEncoder
+
+    return CaptionEncoder.load(tiny_config.model.caption_encoder, tiny_config.storage)
+
+
+def random_images(n: int, size: int = 64, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
