@@ -1,15 +1,19 @@
 """Object storage through fsspec: local paths, ``file://`` and ``s3://`` (s3fs).
 
 One place turns a URI plus :class:`~bimors.config.StorageConfig` into a filesystem, and turns the
-many ways a bucket can fail (no such bucket, no key, no credentials) into one clear message that
-names the URI. Remote model files are copied once into a local cache because the libraries that
-load them (open_clip, transformers) want local paths.
+many ways a bucket can fail (no such bucket, no key, no credentials, endpoint down) into one clear
+message that names the URI. Remote model files are copied once into a local cache because the
+libraries that load them (open_clip, transformers) want local paths.
+
+Every helper here talks to the store directly: s3fs' directory-listing cache is switched off, so an
+object written, replaced or deleted by another process or client is seen at once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,22 +29,68 @@ class StorageError(OSError):
     """A URI could not be read or written; the message says which and why."""
 
 
+# botocore settings for every S3 client made here. Connection failures are retried a couple of
+# times (standard mode: jittered exponential back-off, at most a few seconds in all) and then
+# reported, instead of botocore's legacy 5 attempts and s3fs' 60 s default timeouts.
+S3_CLIENT_CONFIG: dict[str, Any] = {
+    "connect_timeout": 10,
+    "read_timeout": 60,
+    "retries": {"max_attempts": 3, "mode": "standard"},
+}
+
+_S3_SCHEMES = ("s3", "s3a")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
+
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
 def local_path(uri: str) -> Path:
-    """Local path of a local URI (plain path, ``~`` or ``file://``)."""
+    """Local path of a local URI (plain path, ``~``, ``file:///abs`` or ``file:/abs``)."""
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
+    elif uri.startswith("file:/"):
+        uri = uri[len("file:") :]
     return Path(os.path.expanduser(uri))
 
 
+def _check_uri(uri: str) -> None:
+    """Reject URIs that fsspec would misread (``s3:/bucket/key`` silently becomes a local path,
+    ``s3:///key`` an opaque s3fs error) with a message that says what the URI should look like."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise StorageError(f"{uri!r}: malformed URI (empty)")
+    if "://" in uri:
+        scheme, _, rest = uri.partition("://")
+        if not _SCHEME.fullmatch(scheme + ":"):
+            raise StorageError(f"{uri}: malformed URI (bad scheme {scheme!r}; expected e.g. s3://bucket/key)")
+        if scheme.lower() in _S3_SCHEMES:
+            bucket = rest.split("/", 1)[0]
+            if not bucket:
+                raise StorageError(f"{uri}: malformed URI (no bucket name; expected {scheme}://bucket/key)")
+        return
+    match = _SCHEME.match(uri)
+    if match and len(match.group(1)) > 1:  # one letter is a Windows drive, not a scheme
+        scheme = match.group(1).lower()
+        if scheme == "file" and uri.startswith("file:/"):
+            return  # file:/abs/path is a valid (RFC 8089) local file URI
+        if scheme in fsspec.available_protocols() or scheme in _S3_SCHEMES:
+            raise StorageError(f"{uri}: malformed URI (expected {scheme}://...)")
+
+
 def storage_options(uri: str, cfg: StorageConfig | None) -> dict[str, Any]:
-    """fsspec keyword arguments for ``uri``'s protocol; empty for local files."""
-    if cfg is None or not uri.startswith(("s3://", "s3a://")):
+    """fsspec keyword arguments for ``uri``'s protocol; empty for local files.
+
+    For S3 this always disables s3fs' listing cache and bounds timeouts/retries; endpoint, region
+    and credentials come from ``cfg`` where set, else from the standard AWS chain."""
+    if not uri.lower().startswith(tuple(f"{s}://" for s in _S3_SCHEMES)):
         return {}
-    opts: dict[str, Any] = {}
+    opts: dict[str, Any] = {
+        "use_listings_cache": False,
+        "config_kwargs": {**S3_CLIENT_CONFIG, "retries": dict(S3_CLIENT_CONFIG["retries"])},
+    }
+    if cfg is None:
+        return opts
     client: dict[str, Any] = {}
     if cfg.endpoint_url:
         client["endpoint_url"] = cfg.endpoint_url
@@ -50,6 +100,9 @@ def storage_options(uri: str, cfg: StorageConfig | None) -> dict[str, Any]:
         opts["client_kwargs"] = client
     if cfg.anonymous:
         opts["anon"] = True
+    if (cfg.key is None) != (cfg.secret is None):
+        missing = "storage.secret" if cfg.secret is None else "storage.key"
+        raise StorageError(f"{uri}: incomplete credentials: {missing} is not set (set both, or neither)")
     if cfg.key is not None and cfg.secret is not None:
         opts["key"] = cfg.key.get_secret_value()
         opts["secret"] = cfg.secret.get_secret_value()
@@ -58,12 +111,15 @@ def storage_options(uri: str, cfg: StorageConfig | None) -> dict[str, Any]:
 
 def filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a URI or local path."""
+    _check_uri(uri)
     if not is_remote(uri):
         uri = str(local_path(uri))
     try:
         return url_to_fs(uri, **storage_options(uri, cfg))
+    except StorageError:
+        raise
     except (ImportError, ValueError) as err:
-        raise StorageError(f"cannot open {uri}: unsupported or malformed URI ({err})") from None
+        raise StorageError(_redact(f"{uri}: unsupported or malformed URI ({err})", cfg)) from None
 
 
 def explain(uri: str, err: BaseException) -> StorageError:
@@ -78,36 +134,83 @@ def explain(uri: str, err: BaseException) -> StorageError:
             "no credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or a profile or IAM role), "
             "or storage.anonymous=true for a public bucket"
         )
+    elif "partialcredentials" in name.lower():
+        why = f"incomplete credentials ({text})"
     elif "nosuchbucket" in lowered or "bucket does not exist" in lowered:
         why = "the bucket does not exist"
-    elif isinstance(err, FileNotFoundError) or "nosuchkey" in lowered or "not found" in lowered:
-        why = "no such file or key"
-    elif isinstance(err, PermissionError) or "accessdenied" in lowered or "forbidden" in lowered:
-        why = f"access denied ({text})"
-    elif "invalidaccesskeyid" in lowered or "signaturedoesnotmatch" in lowered:
-        why = f"the credentials were rejected ({text})"
+    elif "invalid bucket name" in lowered:
+        why = "malformed URI (invalid bucket name)"
     elif "could not connect" in lowered or "connect timeout" in lowered or "name or service" in lowered:
         why = f"the storage endpoint is unreachable ({text})"
+    elif "read timeout" in lowered or "connection was closed" in lowered:
+        why = f"the storage endpoint did not answer in time ({text})"
+    elif isinstance(err, IsADirectoryError):
+        why = "is a folder, not a file"
+    elif isinstance(err, FileNotFoundError) or "nosuchkey" in lowered or "not found" in lowered:
+        why = "no such file or key"
+    elif "invalidaccesskeyid" in lowered or "signaturedoesnotmatch" in lowered:
+        why = f"the credentials were rejected ({text})"
+    elif isinstance(err, PermissionError) or "accessdenied" in lowered or "forbidden" in lowered:
+        why = f"access denied ({text})"
     else:
         why = f"{name}: {text}"
     return StorageError(f"{uri}: {why}")
 
 
+def _redact(message: str, cfg: StorageConfig | None) -> str:
+    """Belt and braces: no configured key or secret ever reaches a message."""
+    if cfg is not None:
+        for secret in (cfg.key, cfg.secret):
+            value = secret.get_secret_value() if secret is not None else ""
+            if len(value) >= 6:  # shorter ones would mangle the message and cannot be real keys
+                message = message.replace(value, "***")
+    return message
+
+
+def _fail(uri: str, err: BaseException, cfg: StorageConfig | None) -> StorageError:
+    explained = explain(uri, err)
+    message = _redact(str(explained), cfg)
+    return explained if message == str(explained) else StorageError(message)
+
+
 def exists(uri: str, cfg: StorageConfig | None = None) -> bool:
+    """Whether a file, folder (prefix with objects) or bucket exists. A missing key in an existing
+    bucket is ``False``; a bucket that does not exist, missing credentials or an unreachable
+    endpoint raise :class:`StorageError` rather than passing for "not there"."""
     fs, path = filesystem(uri, cfg)
     try:
-        return bool(fs.exists(path))
+        fs.info(path)
+        return True
+    except FileNotFoundError:
+        pass
     except Exception as err:  # noqa: BLE001 - every backend raises its own types
-        raise explain(uri, err) from err
+        raise _fail(uri, err, cfg) from err
+    if is_remote(uri) and "/" in path.strip("/"):
+        bucket = path.strip("/").split("/", 1)[0]
+        try:
+            fs.info(bucket)
+        except FileNotFoundError as err:
+            raise StorageError(_redact(f"{uri}: the bucket does not exist", cfg)) from err
+        except Exception:  # noqa: BLE001 - e.g. no ListBucket permission: the key is simply absent
+            pass
+    return False
 
 
 def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
     fs, path = filesystem(uri, cfg)
     try:
-        with fs.open(path, "rb") as handle:
-            return handle.read()
+        return fs.cat_file(path)
     except Exception as err:  # noqa: BLE001
-        raise explain(uri, err) from err
+        raise _fail(uri, err, cfg) from err
+
+
+def _read_umask() -> int:
+    umask = os.umask(0o022)  # the only portable way to read it; done once, at import
+    os.umask(umask)
+    return umask
+
+
+_NEW_FILE_MODE = 0o666 & ~_read_umask()
 
 
 def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:
@@ -117,52 +220,77 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None
         if not is_remote(uri):
             target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, target)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                # mkstemp creates 0600 files; give the result the mode a plain open() would
+                os.chmod(tmp, target.stat().st_mode & 0o7777 if target.exists() else _NEW_FILE_MODE)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
             return
-        with fs.open(path, "wb") as handle:
-            handle.write(data)
+        fs.pipe_file(path, bytes(data))
     except Exception as err:  # noqa: BLE001
-        raise explain(uri, err) from err
+        raise _fail(uri, err, cfg) from err
 
 
 def join(uri: str, *parts: str) -> str:
-    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+    """``join("s3://b/models/", "clip", "w.bin") == "s3://b/models/clip/w.bin"``; empty parts are skipped."""
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts if p.strip("/"))])
 
 
 def stage_local(uri: str, cfg: StorageConfig | None = None) -> Path:
     """A local path holding ``uri`` (a file or a folder); remote objects are copied once into
-    ``storage.cache_dir`` and reused, keyed by the URI."""
+    ``storage.cache_dir`` and reused, keyed by the endpoint and the URI.
+
+    The copy is published atomically (a complete entry is renamed into place), so concurrent
+    workers staging the same URI never see a partial copy; the loser of a race uses the winner's."""
     if not is_remote(uri):
+        _check_uri(uri)
         return local_path(uri)
-    cache_root = Path(os.path.expanduser(cfg.cache_dir if cfg else StorageConfig().cache_dir))
-    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
-    name = uri.rstrip("/").rsplit("/", 1)[-1] or "object"
-    target = cache_root / "remote" / key / name
-    done = target.parent / ".complete"
-    if done.exists():
-        return target
+    cfg = cfg or StorageConfig()
     fs, path = filesystem(uri, cfg)
-    staging = Path(tempfile.mkdtemp(dir=_ensure(cache_root / "remote"), prefix=".staging-"))
+    cache_root = _ensure(Path(os.path.expanduser(cfg.cache_dir)) / "remote")
+    ident = uri.rstrip("/") if not cfg.endpoint_url else f"{cfg.endpoint_url.rstrip('/')} {uri.rstrip('/')}"
+    entry = cache_root / hashlib.sha256(ident.encode()).hexdigest()[:16]
+    name = uri.rstrip("/").rsplit("/", 1)[-1] or "object"
+    target = entry / name
+    if (entry / ".complete").exists() and target.exists():
+        return target
+    staging = Path(tempfile.mkdtemp(dir=cache_root, prefix=".staging-"))
     try:
-        if fs.isdir(path):
+        if fs.info(path)["type"] == "directory":
             fs.get(path.rstrip("/") + "/", str(staging / name), recursive=True)
+            (staging / name).mkdir(exist_ok=True)
         else:
             fs.get(path, str(staging / name))
         if not (staging / name).exists():
             raise FileNotFoundError(uri)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        os.replace(staging / name, target)
-        done.touch()
+        (staging / ".complete").touch()
+        _publish(staging, entry)
     except Exception as err:  # noqa: BLE001
-        raise explain(uri, err) from err
+        raise _fail(uri, err, cfg) from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _publish(staging: Path, entry: Path) -> None:
+    """Rename a finished staging folder to ``entry``; an incomplete leftover is replaced, a complete
+    one (another worker won the race) is kept."""
+    for _ in range(3):
+        try:
+            os.rename(staging, entry)
+            return
+        except OSError:
+            if (entry / ".complete").exists():
+                return
+            shutil.rmtree(entry, ignore_errors=True)
+    os.rename(staging, entry)
 
 
 def _ensure(path: Path) -> Path:
