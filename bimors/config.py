@@ -174,6 +174,40 @@ class DataConfig(Section):
         return self
 
 
+class StageConfig(Section):
+    """Resources of one Ray Data stage. ``actors`` is a fixed pool size or ``[min, max]`` for an
+    autoscaling pool; ``num_gpus`` > 0 puts the stage's models on a GPU."""
+
+    batch_size: int = Field(16, ge=1)
+    actors: int | tuple[int, int] = 1
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _valid_pool(self) -> "StageConfig":
+        low, high = (self.actors, self.actors) if isinstance(self.actors, int) else self.actors
+        if not 1 <= low <= high:
+            raise ValueError(f"actors must be >= 1 (and min <= max), got {self.actors}")
+        return self
+
+
+class FeaturizeConfig(Section):
+    """The Ray Data featurize pipeline: decode -> caption + caption embedding -> CLIP -> Parquet."""
+
+    scope: Literal["protocol", "all"] = Field(
+        "protocol",
+        description="protocol: the K-shot train/val tiles of every seed in `seeds` plus the whole test split; "
+        "all: every tile",
+    )
+    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    max_side: int = Field(512, ge=32, description="decoded tiles larger than this are downscaled first")
+    visual_tokens: bool = Field(True, description="store the visual tokens (BiMoRS trains from them)")
+    decode: StageConfig = StageConfig(batch_size=32)
+    caption: StageConfig = StageConfig(batch_size=16)
+    clip: StageConfig = StageConfig(batch_size=32)
+    shard_rows: int = Field(512, ge=1, description="rows per Parquet shard of the feature store")
+
+
 class Config(Section):
     """The whole run."""
 
@@ -181,6 +215,7 @@ class Config(Section):
     storage: StorageConfig = StorageConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
+    featurize: FeaturizeConfig = FeaturizeConfig()
     optim: OptimConfig = OptimConfig()
 
 
