@@ -165,6 +165,9 @@ class DataConfig(Section):
     shots: int = Field(16, ge=0, description="K shots per class for training; 0 uses every training tile")
     subsample: Literal["all", "base", "new"] = "all"
     decode: DecodeConfig = DecodeConfig()
+    generate_synthetic: bool = Field(
+        False, description="write the synthetic dataset (data.synthetic) at data.root first, if it is not there"
+    )
     synthetic: SyntheticConfig = SyntheticConfig()
 
     @model_validator(mode="after")

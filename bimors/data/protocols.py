@@ -167,3 +167,17 @@ def transfer_pairing(protocol: str) -> Pairing:
     if key not in _PAIRINGS:
         raise DatasetError(f"unknown transfer protocol {protocol!r}; known: {', '.join(sorted(_PAIRINGS))}")
     return _PAIRINGS[key]
+
+
+def val_shots(shots: int) -> int:
+    """Validation shots per class in the APPLeNet/CoOp protocol: min(K, 4) (all when K is 0)."""
+    return min(shots, 4) if shots else 0
+
+
+def protocol_rows(rows: Rows, shots: int, seed: int) -> dict[str, Rows]:
+    """The tiles one seed of a protocol uses: K-shot train, min(K, 4)-shot val, the whole test split."""
+    return {
+        "train": sample_few_shot(select_split(rows, "train"), shots, seed),
+        "val": sample_few_shot(select_split(rows, "val"), val_shots(shots), seed),
+        "test": select_split(rows, "test"),
+    }

@@ -102,7 +102,7 @@ class Captioner(FrozenModule):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def caption(self, images: Sequence[np.ndarray]) -> list[str]:
         """uint8 RGB images (HWC, any size) -> one cleaned caption each, in one batched generate."""
         if len(images) == 0:
@@ -110,7 +110,7 @@ class Captioner(FrozenModule):
         size = {"height": self.cfg.image_size, "width": self.cfg.image_size}
         uses_image_tokens = getattr(self.model.config, "image_token_index", None) is not None
         inputs = self.processor(
-            images=list(images),
+            images=[np.array(im, dtype=np.uint8) for im in images],  # writable copies (Ray hands out read-only views)
             text=[""] * len(images) if uses_image_tokens else None,
             size=size,
             return_tensors="pt",

@@ -189,7 +189,7 @@ class FrozenCLIP(FrozenModule):
         if isinstance(images, torch.Tensor) and images.dim() == 4 and images.shape[1] == 3:
             batch = images
         else:
-            tensors = [torch.as_tensor(np.ascontiguousarray(im)).permute(2, 0, 1) for im in images]
+            tensors = [torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1) for im in images]
             mode = TF.InterpolationMode.BICUBIC if self.interpolation == "bicubic" else TF.InterpolationMode.BILINEAR
             out = []
             for t in tensors:

@@ -1,0 +1,161 @@
+"""The Parquet feature store: frozen features computed once per tile, keyed by ``tile_id``.
+
+Layout under the store URI::
+
+    store.json              which frozen models and decode settings produced the features
+    manifest.parquet        every tile of the dataset (tile_id, uri, dataset, split, label, classname)
+    features/part-*.parquet one row per stored tile (manifest columns + caption, caption_emb,
+                            image_emb, visual_tokens)
+    errors/part-*.parquet   one row per failed tile (tile_id, uri, stage, error)
+
+Every tile ends up in exactly one of ``features`` and ``errors``. Shards are named after a hash of
+the tile ids they hold and written whole (atomic rename locally, a single PUT on S3), so a retried
+or restarted write can only replace a shard with the same content, and a killed run leaves no
+half-visible shard. Embeddings are fixed-size lists of floats; their shapes travel in the schema
+metadata so that the store reads back without Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bimors import storage
+from bimors.config import StorageConfig
+from bimors.data.manifest import read_manifest, write_manifest
+
+log = logging.getLogger(__name__)
+
+FEATURES = "features"
+ERRORS = "errors"
+ERROR_SCHEMA = pa.schema(
+    [
+        pa.field("tile_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("error", pa.string(), nullable=False),
+    ]
+)
+EMBEDDING_COLUMNS = ("caption_emb", "image_emb", "visual_tokens")
+_SHAPES_KEY = b"bimors.shapes"
+
+
+class StoreMismatchError(ValueError):
+    """The store was built by other frozen models or settings; mixing features would be wrong."""
+
+
+def tensor_column(values: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
+    """[N, *shape] array -> fixed-size list column of length prod(shape)."""
+    flat = np.ascontiguousarray(values).reshape(len(values), -1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=dtype), flat.shape[1])
+
+
+def column_to_numpy(table: pa.Table, name: str) -> np.ndarray:
+    """A fixed-size list column -> [N, *shape] array, using the shape recorded in the metadata."""
+    column = table.column(name).combine_chunks()
+    shapes = json.loads((table.schema.metadata or {}).get(_SHAPES_KEY, b"{}"))
+    flat = column.values.to_numpy(zero_copy_only=False).reshape(len(column), -1)
+    return flat.reshape(len(column), *shapes.get(name, flat.shape[1:]))
+
+
+def with_shapes(table: pa.Table, shapes: dict[str, Sequence[int]]) -> pa.Table:
+    metadata = dict(table.schema.metadata or {})
+    metadata[_SHAPES_KEY] = json.dumps({k: list(v) for k, v in shapes.items()}).encode()
+    return table.replace_schema_metadata(metadata)
+
+
+def shard_name(tile_ids: Iterable[str]) -> str:
+    digest = hashlib.sha256("\n".join(sorted(tile_ids)).encode()).hexdigest()[:20]
+    return f"part-{digest}.parquet"
+
+
+class FeatureStore:
+    def __init__(self, uri: str, storage_cfg: StorageConfig | None = None):
+        self.uri = uri.rstrip("/")
+        self.storage_cfg = storage_cfg
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.uri, *parts)
+
+    # ------------------------------------------------------------------ identity and manifest
+
+    def ensure_identity(self, identity: dict[str, Any]) -> None:
+        """Record what produced the features, or refuse to add to a store made by something else."""
+        uri = self.path("store.json")
+        if storage.exists(uri, self.storage_cfg):
+            stored = json.loads(storage.read_bytes(uri, self.storage_cfg))
+            if stored != identity:
+                diffs = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
+                raise StoreMismatchError(
+                    f"feature store {self.uri} was built with other settings ({', '.join(diffs)} differ); "
+                    "use another --output, or the settings it was built with"
+                )
+            return
+        storage.write_bytes(uri, json.dumps(identity, indent=2, sort_keys=True).encode(), self.storage_cfg)
+
+    def identity(self) -> dict[str, Any]:
+        return json.loads(storage.read_bytes(self.path("store.json"), self.storage_cfg))
+
+    def write_manifest(self, manifest: pa.Table) -> None:
+        write_manifest(manifest, self.path("manifest.parquet"), self.storage_cfg)
+
+    def read_manifest(self) -> pa.Table:
+        return read_manifest(self.path("manifest.parquet"), self.storage_cfg)
+
+    # ------------------------------------------------------------------ shards
+
+    def shards(self, kind: str) -> list[str]:
+        fs, base = storage.filesystem(self.path(kind), self.storage_cfg)
+        try:
+            if not fs.exists(base):
+                return []
+            names = fs.ls(base, detail=False)
+        except Exception as err:  # noqa: BLE001
+            raise storage.explain(self.path(kind), err) from err
+        return sorted(self.path(kind, n.rsplit("/", 1)[-1]) for n in names if n.endswith(".parquet"))
+
+    def _read_shard(self, uri: str, columns: Sequence[str] | None) -> pa.Table | None:
+        try:
+            data = storage.read_bytes(uri, self.storage_cfg)
+            return pq.read_table(pa.BufferReader(data), columns=list(columns) if columns else None)
+        except (pa.ArrowInvalid, OSError) as err:
+            log.warning("dropping unreadable shard %s (%s); its tiles will be recomputed", uri, err)
+            fs, path = storage.filesystem(uri, self.storage_cfg)
+            fs.rm(path)
+            return None
+
+    def read(self, kind: str, columns: Sequence[str] | None = None) -> pa.Table:
+        """All shards of ``features`` or ``errors`` as one table (unreadable shards are dropped)."""
+        tables = [t for t in (self._read_shard(u, columns) for u in self.shards(kind)) if t is not None]
+        if not tables:
+            if kind == ERRORS:
+                return ERROR_SCHEMA.empty_table()
+            return pa.table({name: pa.array([], pa.string()) for name in (columns or ["tile_id"])})
+        return pa.concat_tables(tables, promote_options="default")
+
+    def done_tile_ids(self) -> set[str]:
+        """Tiles already stored or already recorded as failed."""
+        done: set[str] = set()
+        for kind in (FEATURES, ERRORS):
+            done.update(self.read(kind, ["tile_id"]).column("tile_id").to_pylist())
+        return done
+
+    def write_shard(self, kind: str, table: pa.Table) -> str:
+        uri = self.path(kind, shard_name(table.column("tile_id").to_pylist()))
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        storage.write_bytes(uri, buffer.getvalue(), self.storage_cfg)
+        return uri
+
+    def features(self, columns: Sequence[str] | None = None) -> pa.Table:
+        return self.read(FEATURES, columns)
+
+    def errors(self) -> pa.Table:
+        return self.read(ERRORS)

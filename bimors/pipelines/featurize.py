@@ -1,0 +1,152 @@
+"""Featurize: tiles in object storage -> Parquet feature store, on Ray Data.
+
+decode (tasks) -> caption + caption embedding (BLIP-2/BERT actor pool) -> CLIP image features
+(actor pool) -> shard writer (tasks). Tiles already in the store (stored or failed) are skipped
+before the dataset is built, so a re-run writes nothing and a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bimors.config import Config, StageConfig
+from bimors.data.manifest import build_manifest
+from bimors.data.protocols import protocol_rows
+from bimors.data.synthetic import generate_synthetic
+from bimors.pipelines.feature_store import FeatureStore
+from bimors.pipelines.runtime import ensure_ray
+from bimors.pipelines.stages import CaptionStage, ClipStage, decode_batch, write_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FeaturizeSummary:
+    store: str
+    inputs: int  # tiles this run was asked to featurize
+    already_done: int  # of those, tiles the store already held (stored or failed)
+    stored: int  # newly stored by this run
+    errors: int  # newly failed in this run
+    errors_by_stage: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def tiles_per_second(self) -> float:
+        return (self.stored + self.errors) / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        stages = ", ".join(f"{n} {s}" for s, n in sorted(self.errors_by_stage.items()))
+        return (
+            f"featurize: {self.inputs} tiles = {self.already_done} already in the store + {self.stored} stored"
+            f" + {self.errors} errors{f' ({stages})' if stages else ''}; {self.seconds:.1f} s"
+            f" ({self.tiles_per_second:.1f} tiles/s) -> {self.store}"
+        )
+
+
+def store_identity(cfg: Config) -> dict[str, Any]:
+    """What makes stored features what they are: a store never mixes features of other models."""
+    return {
+        "backbone": cfg.model.backbone.model_dump(mode="json"),
+        "captioner": cfg.model.captioner.model_dump(mode="json"),
+        "caption_encoder": cfg.model.caption_encoder.model_dump(mode="json"),
+        "decode": cfg.data.decode.model_dump(mode="json"),
+        "max_side": cfg.featurize.max_side,
+        "visual_tokens": cfg.featurize.visual_tokens,
+    }
+
+
+def select_tiles(manifest: pa.Table, cfg: Config) -> pa.Table:
+    """The tiles the configured protocol will ever read (``scope=protocol``), or all of them."""
+    if cfg.featurize.scope == "all":
+        return manifest
+    wanted: set[str] = set()
+    for seed in cfg.featurize.seeds:
+        for rows in protocol_rows(manifest, cfg.data.shots, seed).values():
+            wanted.update(rows.column("tile_id").to_pylist())
+    return manifest.filter(pc.is_in(manifest["tile_id"], pa.array(sorted(wanted), pa.string())))
+
+
+def prepare_dataset(cfg: Config, data: str | None = None) -> pa.Table:
+    """The manifest of ``data`` (default ``data.root``), writing the synthetic dataset first if asked."""
+    data_cfg = cfg.data if data is None else cfg.data.model_copy(update={"root": data})
+    if data_cfg.generate_synthetic and data_cfg.root:
+        generate_synthetic(data_cfg.root, data_cfg.synthetic, cfg.storage)
+    return build_manifest(data_cfg, cfg.storage)
+
+
+def _pool(stage: StageConfig):
+    import ray.data
+
+    low, high = (stage.actors, stage.actors) if isinstance(stage.actors, int) else stage.actors
+    return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+
+
+def featurize(cfg: Config, output: str, data: str | None = None) -> FeaturizeSummary:
+    """Featurize every selected tile of ``data`` into the store at ``output``; returns the counts."""
+    start = time.perf_counter()
+    manifest = prepare_dataset(cfg, data)
+    store = FeatureStore(output, cfg.storage)
+    store.ensure_identity(store_identity(cfg))
+    store.write_manifest(manifest)
+    selected = select_tiles(manifest, cfg)
+    done = store.done_tile_ids()
+    todo = selected.filter(pc.invert(pc.is_in(selected["tile_id"], pa.array(sorted(done), pa.string()))))
+    summary = FeaturizeSummary(store.uri, selected.num_rows, selected.num_rows - todo.num_rows, 0, 0)
+    if todo.num_rows:
+        _run(cfg, todo, store, summary)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _run(cfg: Config, todo: pa.Table, store: FeatureStore, summary: FeaturizeSummary) -> None:
+    import ray.data
+
+    ensure_ray()
+    fc = cfg.featurize
+    block = fc.decode.batch_size
+    blocks = [todo.slice(i, block) for i in range(0, todo.num_rows, block)]
+    ds = ray.data.from_arrow(blocks)
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"decode_cfg": cfg.data.decode, "storage_cfg": cfg.storage, "max_side": fc.max_side},
+        batch_size=fc.decode.batch_size,
+        batch_format="numpy",
+        num_cpus=fc.decode.num_cpus,
+    )
+    for stage_cls, stage in ((CaptionStage, fc.caption), (ClipStage, fc.clip)):
+        ds = ds.map_batches(
+            stage_cls,
+            fn_constructor_kwargs={"cfg": cfg},
+            batch_size=stage.batch_size,
+            batch_format="numpy",
+            compute=_pool(stage),
+            num_cpus=stage.num_cpus,
+            num_gpus=stage.num_gpus or None,
+        )
+    ds = ds.map_batches(
+        write_batch,
+        fn_kwargs={"store_uri": store.uri, "storage_cfg": cfg.storage},
+        batch_size=fc.shard_rows,
+        batch_format="numpy",
+        num_cpus=fc.decode.num_cpus,
+    )
+    failures: Counter[str] = Counter()
+    last_report = time.perf_counter()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for stage in batch["stage"]:
+            if stage:
+                failures[str(stage)] += 1
+            else:
+                summary.stored += 1
+        summary.errors = sum(failures.values())
+        if time.perf_counter() - last_report > 10:
+            last_report = time.perf_counter()
+            log.info("featurize: %d/%d tiles done (%d errors)", summary.stored + summary.errors, todo.num_rows, summary.errors)
+    summary.errors_by_stage = dict(failures)

@@ -1,0 +1,187 @@
+"""Ray Data stages of the featurize pipeline. Each works on a batch of rows (numpy format) and never
+fails the batch for one bad tile: the tile gets ``error``/``stage`` set and later stages skip it.
+
+Rows carry the manifest columns plus ``image`` (uint8 HWC), ``error`` and ``stage`` ("" when fine).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence, TypeVar
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from bimors.config import Config, DecodeConfig, StorageConfig
+from bimors.data.decode import DecodeError
+from bimors.data.manifest import MANIFEST_SCHEMA
+from bimors.data.tiles import read_tile
+from bimors.storage import StorageError
+
+Batch = dict[str, np.ndarray]
+T = TypeVar("T")
+R = TypeVar("R")
+
+PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)
+
+
+def object_array(items: Sequence[Any]) -> np.ndarray:
+    """1-D object array (never broadcast into a higher-dimensional array when shapes agree)."""
+    out = np.empty(len(items), dtype=object)
+    for i, item in enumerate(items):
+        out[i] = item
+    return out
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:500]
+
+
+def run_isolated(fn: Callable[[list[T]], list[R]], items: list[T]) -> list[R | BaseException]:
+    """``fn`` on the whole batch; if that fails, item by item, so only the culprit is lost."""
+    if not items:
+        return []
+    try:
+        return list(fn(items))
+    except Exception:  # noqa: BLE001 - isolate whatever broke the batch
+        out: list[R | BaseException] = []
+        for item in items:
+            try:
+                out.extend(fn([item]))
+            except Exception as err:  # noqa: BLE001
+                out.append(err)
+        return out
+
+
+def pick_device(num_gpus: float) -> torch.device:
+    return torch.device("cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu")
+
+
+def decode_batch(batch: Batch, decode_cfg: DecodeConfig, storage_cfg: StorageConfig | None, max_side: int) -> Batch:
+    images, errors, stages = [], [], []
+    for uri in batch["uri"]:
+        try:
+            images.append(read_tile(str(uri), decode_cfg, storage_cfg, max_side))
+            errors.append("")
+            stages.append("")
+        except StorageError as err:
+            images.append(PLACEHOLDER)
+            errors.append(str(err))
+            stages.append("read")
+        except Exception as err:  # noqa: BLE001 - whatever the decoder chokes on is a decode error
+            images.append(PLACEHOLDER)
+            errors.append(str(err) if isinstance(err, DecodeError) else one_line(err))
+            stages.append("decode")
+    batch["image"] = object_array(images)
+    batch["error"] = np.array(errors, dtype=object)
+    batch["stage"] = np.array(stages, dtype=object)
+    return batch
+
+
+def _healthy(batch: Batch) -> list[int]:
+    return [i for i, err in enumerate(batch["error"]) if not err]
+
+
+def _record(batch: Batch, index: int, stage: str, err: BaseException) -> None:
+    batch["error"][index] = one_line(err)
+    batch["stage"][index] = stage
+
+
+class CaptionStage:
+    """BLIP-2 caption + BERT caption embedding, one model pair per actor."""
+
+    def __init__(self, cfg: Config):
+        from bimors.models.caption_encoder import CaptionEncoder
+        from bimors.models.captioner import Captioner
+
+        device = pick_device(cfg.featurize.caption.num_gpus)
+        self.captioner = Captioner.load(cfg.model.captioner, cfg.storage, device)
+        self.encoder = CaptionEncoder.load(cfg.model.caption_encoder, cfg.storage, device)
+
+    def __call__(self, batch: Batch) -> Batch:
+        n = len(batch["tile_id"])
+        captions = [""] * n
+        embeddings = np.zeros((n, self.encoder.dim), np.float32)
+        rows = _healthy(batch)
+        results = run_isolated(self.captioner.caption, [batch["image"][i] for i in rows])
+        good = []
+        for i, result in zip(rows, results):
+            if isinstance(result, BaseException):
+                _record(batch, i, "caption", result)
+            else:
+                captions[i] = result
+                good.append(i)
+        embedded = run_isolated(lambda caps: list(self.encoder.encode(caps).cpu().numpy()), [captions[i] for i in good])
+        for i, result in zip(good, embedded):
+            if isinstance(result, BaseException):
+                _record(batch, i, "caption_embedding", result)
+            else:
+                embeddings[i] = result
+        batch["caption"] = np.array(captions, dtype=object)
+        batch["caption_emb"] = embeddings
+        return batch
+
+
+class ClipStage:
+    """Frozen CLIP image tower: normalised embedding and (optionally) the visual tokens."""
+
+    def __init__(self, cfg: Config):
+        from bimors.models.clip_backbone import FrozenCLIP
+
+        self.backbone = FrozenCLIP.load(cfg.model.backbone, cfg.storage, pick_device(cfg.featurize.clip.num_gpus))
+        self.keep_tokens = cfg.featurize.visual_tokens
+
+    def _encode(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        feats = self.backbone.encode_image(self.backbone.preprocess(images))
+        emb = feats.embedding.cpu().numpy()
+        tokens = feats.tokens.to(torch.float16).cpu().numpy()
+        return list(zip(emb, tokens))
+
+    def __call__(self, batch: Batch) -> Batch:
+        n = len(batch["tile_id"])
+        b = self.backbone
+        n_tokens = 1 + (b.image_size // b.model.visual.patch_size[0]) ** 2
+        image_emb = np.zeros((n, b.embed_dim), np.float32)
+        tokens = np.zeros((n, n_tokens, b.vision_width), np.float16) if self.keep_tokens else None
+        rows = _healthy(batch)
+        for i, result in zip(rows, run_isolated(self._encode, [batch["image"][i] for i in rows])):
+            if isinstance(result, BaseException):
+                _record(batch, i, "clip", result)
+                continue
+            image_emb[i] = result[0]
+            if tokens is not None:
+                tokens[i] = result[1]
+        batch["image_emb"] = image_emb
+        if tokens is not None:
+            batch["visual_tokens"] = tokens
+        del batch["image"]  # pixels are not stored; dropping them here keeps the writer's input small
+        return batch
+
+
+def write_batch(batch: Batch, store_uri: str, storage_cfg: StorageConfig | None) -> Batch:
+    """Write the batch's stored rows as one features shard and its failures as one errors shard."""
+    from bimors.pipelines.feature_store import ERRORS, ERROR_SCHEMA, FEATURES, FeatureStore, tensor_column, with_shapes
+
+    store = FeatureStore(store_uri, storage_cfg)
+    failed = np.array([bool(e) for e in batch["error"]], dtype=bool)
+    ok = ~failed
+    if ok.any():
+        columns: dict[str, Any] = {
+            name: pa.array(batch[name][ok].tolist(), type=MANIFEST_SCHEMA.field(name).type) for name in MANIFEST_SCHEMA.names
+        }
+        columns["caption"] = pa.array(batch["caption"][ok].tolist(), pa.string())
+        shapes = {}
+        for name, dtype in (("caption_emb", pa.float32()), ("image_emb", pa.float32()), ("visual_tokens", pa.float16())):
+            if name in batch:
+                values = np.asarray(batch[name][ok])
+                columns[name] = tensor_column(values, dtype)
+                shapes[name] = values.shape[1:]
+        store.write_shard(FEATURES, with_shapes(pa.table(columns), shapes))
+    if failed.any():
+        errors = pa.table(
+            {name: pa.array(batch[name][failed].tolist(), pa.string()) for name in ERROR_SCHEMA.names},
+            schema=ERROR_SCHEMA,
+        )
+        store.write_shard(ERRORS, errors)
+    return {"tile_id": batch["tile_id"], "stage": batch["stage"]}
