@@ -108,3 +108,16 @@ def s3_env(s3_server, monkeypatch) -> dict[str, str]:
         monkeypatch.setenv(name, value)
     _clear_s3fs_instances()
     return env
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray for the session (started once: workers and actor pools are reused by tests).
+    Yields the cluster's address, so that subprocesses can join it with RAY_ADDRESS."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", configure_logging=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()

@@ -18,12 +18,13 @@ from bimors.cli import parse, parser, run
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser(__doc__)
     p.add_argument("--data", help="dataset root URI (class folders or a split JSON); default: data.root")
+    p.add_argument("--manifest", help="featurize the tiles of this manifest Parquet instead of a dataset root")
     p.add_argument("--output", required=True, help="feature store URI (local path or s3://...)")
     args, cfg = parse(p, argv)
 
     from bimors.pipelines.featurize import featurize
 
-    summary = featurize(cfg, args.output, args.data)
+    summary = featurize(cfg, args.output, args.data, args.manifest)
     print(summary.line())
     return 0
 

@@ -124,9 +124,9 @@ def _require_folder(root: str, storage_cfg: StorageConfig | None) -> None:
         fs.invalidate_cache(path)
         if fs.isdir(path):
             return
-        exists = fs.exists(path)
     except Exception as err:  # noqa: BLE001 - every backend raises its own types
         raise storage.explain(root, err) from err
+    exists = storage.exists(root, storage_cfg)  # says so when the bucket itself is missing
     if exists:
         raise DatasetError(f"dataset root {root} is a file; expected a folder of class folders or a split JSON")
     raise DatasetError(f"dataset root {root} does not exist")

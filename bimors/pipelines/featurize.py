@@ -17,12 +17,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bimors.config import Config, StageConfig
-from bimors.data.manifest import build_manifest
+from bimors.data.manifest import build_manifest, read_manifest
 from bimors.data.protocols import protocol_rows
 from bimors.data.synthetic import generate_synthetic
 from bimors.pipelines.feature_store import FeatureStore
 from bimors.pipelines.runtime import ensure_ray
-from bimors.pipelines.stages import CaptionStage, ClipStage, decode_batch, write_batch
+from bimors.pipelines.stages import CaptionStage, ClipStage, ShardWriter, decode_batch
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,11 @@ def _pool(stage: StageConfig):
     return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
 
 
-def featurize(cfg: Config, output: str, data: str | None = None) -> FeaturizeSummary:
-    """Featurize every selected tile of ``data`` into the store at ``output``; returns the counts."""
+def featurize(cfg: Config, output: str, data: str | None = None, manifest_uri: str | None = None) -> FeaturizeSummary:
+    """Featurize every selected tile of ``data`` (or of the manifest Parquet at ``manifest_uri``)
+    into the store at ``output``; returns the counts."""
     start = time.perf_counter()
-    manifest = prepare_dataset(cfg, data)
+    manifest = read_manifest(manifest_uri, cfg.storage) if manifest_uri else prepare_dataset(cfg, data)
     store = FeatureStore(output, cfg.storage)
     store.ensure_identity(store_identity(cfg))
     store.write_manifest(manifest)
@@ -131,10 +132,11 @@ def _run(cfg: Config, todo: pa.Table, store: FeatureStore, summary: FeaturizeSum
             num_gpus=stage.num_gpus or None,
         )
     ds = ds.map_batches(
-        write_batch,
-        fn_kwargs={"store_uri": store.uri, "storage_cfg": cfg.storage},
+        ShardWriter,
+        fn_constructor_kwargs={"store_uri": store.uri, "storage_cfg": cfg.storage},
         batch_size=fc.shard_rows,
         batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=fc.decode.num_cpus,
     )
     failures: Counter[str] = Counter()

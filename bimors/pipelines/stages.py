@@ -6,7 +6,7 @@ Rows carry the manifest columns plus ``image`` (uint8 HWC), ``error`` and ``stag
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +17,9 @@ from bimors.data.decode import DecodeError
 from bimors.data.manifest import MANIFEST_SCHEMA
 from bimors.data.tiles import read_tile
 from bimors.storage import StorageError
+
+if TYPE_CHECKING:
+    from bimors.pipelines.feature_store import FeatureStore
 
 Batch = dict[str, np.ndarray]
 T = TypeVar("T")
@@ -159,11 +162,22 @@ class ClipStage:
         return batch
 
 
-def write_batch(batch: Batch, store_uri: str, storage_cfg: StorageConfig | None) -> Batch:
-    """Write the batch's stored rows as one features shard and its failures as one errors shard."""
-    from bimors.pipelines.feature_store import ERRORS, ERROR_SCHEMA, FEATURES, FeatureStore, tensor_column, with_shapes
+class ShardWriter:
+    """Writes each batch's stored rows as one features shard and its failures as one errors shard.
+    An actor rather than tasks: one long-lived process instead of a stream of short-lived workers."""
 
-    store = FeatureStore(store_uri, storage_cfg)
+    def __init__(self, store_uri: str, storage_cfg: StorageConfig | None):
+        from bimors.pipelines.feature_store import FeatureStore
+
+        self.store = FeatureStore(store_uri, storage_cfg)
+
+    def __call__(self, batch: Batch) -> Batch:
+        return write_batch(batch, self.store)
+
+
+def write_batch(batch: Batch, store: "FeatureStore") -> Batch:
+    from bimors.pipelines.feature_store import ERRORS, ERROR_SCHEMA, FEATURES, tensor_column, with_shapes
+
     failed = np.array([bool(e) for e in batch["error"]], dtype=bool)
     ok = ~failed
     if ok.any():
