@@ -104,3 +104,24 @@ def test_tokenizer_is_clip_bpe_from_open_clip(backbone):
     ids = backbone.tokenize(["a photo of a"])[0]
     reference = open_clip.get_tokenizer("ViT-B-16")(["a photo of a"])[0]
     assert torch.equal(ids.cpu(), reference)
+
+
+def test_hf_hub_ids_fail_offline_with_the_model_named():
+    with pytest.raises(ModelUnavailableError, match="hf-hub:chendelong/RemoteCLIP-ViT-B-32"):
+        FrozenCLIP.load(BackboneConfig(name="hf-hub:chendelong/RemoteCLIP-ViT-B-32"))
+
+
+@pytest.mark.slow
+def test_loads_from_object_storage_folder_and_checkpoint(backbone, model_dir, s3_server, s3_storage):
+    bucket = s3_server.create_bucket("models")
+    folder = model_dir / "clip-tiny"
+    for path in folder.iterdir():
+        s3_server.put(bucket, f"clip-tiny/{path.name}", path.read_bytes())
+    from_folder = FrozenCLIP.load(BackboneConfig(name=f"s3://{bucket}/clip-tiny", pretrained=None), s3_storage)
+    assert from_folder.identity["fingerprint"] == backbone.identity["fingerprint"]
+    from_file = FrozenCLIP.load(
+        BackboneConfig(name="bimors-tiny", pretrained=f"s3://{bucket}/clip-tiny/open_clip_model.safetensors"), s3_storage
+    )
+    assert from_file.identity["fingerprint"] == backbone.identity["fingerprint"]
+    with pytest.raises(Exception, match=f"s3://{bucket}/nothing-here"):
+        FrozenCLIP.load(BackboneConfig(name=f"s3://{bucket}/nothing-here", pretrained=None), s3_storage)

@@ -49,9 +49,15 @@ def build_random_clip(arch: str, folder: Path, seed: int = 0) -> None:
     model_cfg = open_clip.get_model_config(arch)
     if model_cfg is None:
         raise ModelUnavailableError(f"unknown open_clip architecture {arch!r} for create_if_missing")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = open_clip.create_model(arch, pretrained=None)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # open_clip warns on the root logger that no weights were loaded: that is the point
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(arch, pretrained=None)
+    finally:
+        root.setLevel(level)
     preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "open_clip_config.json").write_text(
