@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
+Method = Literal["zeroshot", "coop", "cocoop", "bimors"]
 
 
 class ConfigError(ValueError):
@@ -69,7 +70,7 @@ class CaptionEncoderConfig(Section):
 class LearnerConfig(Section):
     """The trainable prompt learner."""
 
-    method: Literal["bimors", "coop", "cocoop", "zeroshot"] = "bimors"
+    method: Method = "bimors"
     n_ctx: int = Field(4, ge=1)
     ctx_init: str | None = Field("a photo of a", description="text whose token embeddings initialise the context")
     n_heads: int = Field(4, ge=1, description="heads of the BiMoRS cross-attention")
@@ -211,6 +212,54 @@ class FeaturizeConfig(Section):
     shard_rows: int = Field(512, ge=1, description="rows per Parquet shard of the feature store")
 
 
+class AugmentConfig(Section):
+    """Augmentation for ``train.features=online`` (the paper's: random resized crop, horizontal flip)."""
+
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip: bool = True
+
+
+class TrainConfig(Section):
+    """Ray Train: workers, fault tolerance, where checkpoints go, and how image features are made."""
+
+    workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    features: Literal["cached", "online"] = Field(
+        "cached",
+        description="cached: image features from the feature store (fast, no augmentation); online: decode, "
+        "augment and run the frozen image encoder in the loop (the paper's setting)",
+    )
+    augment: AugmentConfig = AugmentConfig()
+    precision: Precision = Field("auto", description="autocast dtype on GPU (auto: bf16 if supported, else fp16)")
+    max_failures: int = Field(2, ge=0, description="worker failures survived by restarting from the last checkpoint")
+    eval_batch_size: int = Field(64, ge=1)
+    name: str | None = Field(None, description="run name under <output>/runs; default: derived from config and seed")
+
+
+class TrackingConfig(Section):
+    """MLflow. The tracking URI comes from here, else from MLFLOW_TRACKING_URI, else sqlite:///mlflow.db."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str = "bimors"
+    registered_model: str | None = Field("bimors", description="registry name the trained model is registered under")
+    alias: str = Field("candidate", description="alias pointed at the new model version")
+
+
+class EvaluateConfig(Section):
+    """The paper's protocols: which methods and seeds, where the transfer datasets live, and the
+    resources of the prediction stage (Ray Data actor pool over feature rows)."""
+
+    methods: list[Method] = Field(default_factory=lambda: ["zeroshot", "coop", "cocoop", "bimors"])
+    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    datasets: dict[str, str] = Field(
+        default_factory=dict,
+        description="catalog name -> dataset root URI, for the cross-dataset and domain-generalization protocols",
+    )
+    predict: StageConfig = StageConfig(batch_size=256)
+
+
 class Config(Section):
     """The whole run."""
 
@@ -220,6 +269,18 @@ class Config(Section):
     model: ModelConfig = ModelConfig()
     featurize: FeaturizeConfig = FeaturizeConfig()
     optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _global_batch_splits_over_workers(self) -> "Config":
+        if self.optim.batch_size % self.train.workers:
+            raise ValueError(
+                f"optim.batch_size ({self.optim.batch_size}) is the global batch and must be divisible by "
+                f"train.workers ({self.train.workers})"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,7 +346,9 @@ def _describe(err: ValidationError, origin: str) -> str:
             hint = f"; did you mean {'.'.join(loc[:-1] + close)!r}?" if close else ""
             lines.append(f"{key}: unknown key (allowed here: {', '.join(known)}){hint}")
         else:
-            lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+            got = item.get("input")
+            shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+            lines.append(f"{key}: {item['msg']}{shown}")
     return f"invalid config {origin}:\n  " + "\n  ".join(lines)
 
 

@@ -296,3 +296,15 @@ def _publish(staging: Path, entry: Path) -> None:
 def _ensure(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def pyarrow_filesystem(uri: str, cfg: StorageConfig | None = None):
+    """(pyarrow filesystem or None, path) for libraries that take pyarrow filesystems (Ray Train's
+    storage): local URIs become absolute paths, remote ones go through the same fsspec settings
+    (endpoint, credentials) as everything else here."""
+    if not is_remote(uri):
+        return None, str(local_path(uri).resolve())
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = filesystem(uri, cfg)
+    return PyFileSystem(FSSpecHandler(fs)), path

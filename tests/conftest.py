@@ -19,6 +19,9 @@ os.environ.update(
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_USAGE_STATS_ENABLED": "0",
+        # Ray Train's controller polls workers every 2 s by default, and each epoch's report waits for
+        # a poll: fine for real epochs, most of the time of the tests' tiny ones.
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
     }
 )
 
@@ -121,3 +124,17 @@ def ray_cluster():
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, artifacts served through the server)
+    for the whole session, in its own process group. Yields a :class:`mlflow_server.MLflowServer`:
+    ``.uri`` (http://127.0.0.1:PORT), ``.log_tail()``."""
+    from mlflow_server import MLflowServer
+
+    server = MLflowServer(tmp_path_factory.mktemp("mlflow")).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bimors import storage
@@ -131,9 +132,13 @@ class FeatureStore:
             fs.rm(path)
             return None
 
-    def read(self, kind: str, columns: Sequence[str] | None = None) -> pa.Table:
-        """All shards of ``features`` or ``errors`` as one table (unreadable shards are dropped)."""
+    def read(self, kind: str, columns: Sequence[str] | None = None, tile_ids: set[str] | None = None) -> pa.Table:
+        """All shards of ``features`` or ``errors`` as one table (unreadable shards are dropped);
+        with ``tile_ids``, only those rows (filtered shard by shard, so memory follows the selection)."""
         tables = [t for t in (self._read_shard(u, columns) for u in self.shards(kind)) if t is not None]
+        if tile_ids is not None:
+            wanted = pa.array(sorted(tile_ids), pa.string())
+            tables = [t.filter(pc.is_in(t["tile_id"], wanted)) for t in tables]
         if not tables:
             if kind == ERRORS:
                 return ERROR_SCHEMA.empty_table()
@@ -154,8 +159,8 @@ class FeatureStore:
         storage.write_bytes(uri, buffer.getvalue(), self.storage_cfg)
         return uri
 
-    def features(self, columns: Sequence[str] | None = None) -> pa.Table:
-        return self.read(FEATURES, columns)
+    def features(self, columns: Sequence[str] | None = None, tile_ids: set[str] | None = None) -> pa.Table:
+        return self.read(FEATURES, columns, tile_ids)
 
     def errors(self) -> pa.Table:
         return self.read(ERRORS)

@@ -16,12 +16,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bimors.config import Config, StageConfig
+from bimors.config import Config
 from bimors.data.manifest import build_manifest, read_manifest
 from bimors.data.protocols import protocol_rows
 from bimors.data.synthetic import generate_synthetic
 from bimors.pipelines.feature_store import FeatureStore
-from bimors.pipelines.runtime import ensure_ray
+from bimors.pipelines.runtime import actor_pool, ensure_ray
 from bimors.pipelines.stages import CaptionStage, ClipStage, ShardWriter, decode_batch
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,6 @@ def prepare_dataset(cfg: Config, data: str | None = None) -> pa.Table:
     return build_manifest(data_cfg, cfg.storage)
 
 
-def _pool(stage: StageConfig):
-    import ray.data
-
-    low, high = (stage.actors, stage.actors) if isinstance(stage.actors, int) else stage.actors
-    return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
-
-
 def featurize(cfg: Config, output: str, data: str | None = None, manifest_uri: str | None = None) -> FeaturizeSummary:
     """Featurize every selected tile of ``data`` (or of the manifest Parquet at ``manifest_uri``)
     into the store at ``output``; returns the counts."""
@@ -96,7 +89,15 @@ def featurize(cfg: Config, output: str, data: str | None = None, manifest_uri: s
     store = FeatureStore(output, cfg.storage)
     store.ensure_identity(store_identity(cfg))
     store.write_manifest(manifest)
-    selected = select_tiles(manifest, cfg)
+    summary = featurize_manifest(cfg, store, select_tiles(manifest, cfg))  # checks the identity again: cheap
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def featurize_manifest(cfg: Config, store: FeatureStore, selected: pa.Table) -> FeaturizeSummary:
+    """Featurize the tiles of ``selected`` (manifest rows) that ``store`` does not hold yet."""
+    start = time.perf_counter()
+    store.ensure_identity(store_identity(cfg))
     done = store.done_tile_ids()
     todo = selected.filter(pc.invert(pc.is_in(selected["tile_id"], pa.array(sorted(done), pa.string()))))
     summary = FeaturizeSummary(store.uri, selected.num_rows, selected.num_rows - todo.num_rows, 0, 0)
@@ -127,7 +128,7 @@ def _run(cfg: Config, todo: pa.Table, store: FeatureStore, summary: FeaturizeSum
             fn_constructor_kwargs={"cfg": cfg},
             batch_size=stage.batch_size,
             batch_format="numpy",
-            compute=_pool(stage),
+            compute=actor_pool(stage),
             num_cpus=stage.num_cpus,
             num_gpus=stage.num_gpus or None,
         )
