@@ -139,10 +139,8 @@ def _autocast(cfg: Config, device: torch.device):
 
 
 def _rows(name: str) -> pa.Table:
-    import ray.data
     import ray.train
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # a few hundred rows: no bar needed
     shard = ray.train.get_dataset_shard(name)
     return pa.concat_tables(list(shard.iter_batches(batch_size=None, batch_format="pyarrow")))
 
@@ -269,13 +267,22 @@ def fit(cfg: Config, data: ProtocolData, runs_uri: str, run_name: str, mlflow: t
                 checkpoint_score_order="max",
             ),
         ),
-        datasets={"train": ray.data.from_arrow(data.splits["train"]), "val": ray.data.from_arrow(data.splits["val"])},
+        datasets={name: _quiet_dataset(data.splits[name]) for name in ("train", "val")},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     result = trainer.fit()
     # the last checkpoint holds the whole history; the best one only up to its epoch
     last = json.loads(storage.read_bytes(storage.join(_as_uri(result.checkpoint), TRAIN_STATE), cfg.storage))["state"]
     return FitResult(run_name, _best_checkpoint(result), last["history"], data.classnames, last["resumed_at"])
+
+
+def _quiet_dataset(table: pa.Table):
+    """A Ray dataset of a few hundred rows, without a progress bar left running in every worker."""
+    import ray.data
+
+    ds = ray.data.from_arrow(table)
+    ds.context.enable_progress_bars = False
+    return ds
 
 
 def _best_checkpoint(result) -> str:
