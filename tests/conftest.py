@@ -22,6 +22,7 @@ os.environ.update(
         # Ray Train's controller polls workers every 2 s by default, and each epoch's report waits for
         # a poll: fine for real epochs, most of the time of the tests' tiny ones.
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
     }
 )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     local = cfg.optim.batch_size // world
 
     for epoch in range(state.epoch, cfg.optim.epochs):
+        started = time.perf_counter()
         lr = learning_rate(cfg.optim, epoch)
         set_learning_rate(optimizer, lr)
         classifier.train()
@@ -210,6 +212,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             torch.distributed.all_reduce(totals)
         metrics = {
             "epoch": epoch,
+            "epoch_seconds": time.perf_counter() - started,  # the optimisation steps, not validation or checkpointing
             "lr": lr,
             "loss": float(totals[0] / totals[2]),
             "train_acc": float(totals[1] / totals[2]),
