@@ -9,6 +9,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,10 +45,12 @@ def run_workflow(script: str, args: list[str], env: dict[str, str] | None = None
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
-def test_train_workflow_records_the_run_in_mlflow(ray_cluster, tmp_path, model_dir, mlflow_server, backbone):
+def test_train_workflow_records_the_run_in_mlflow(tmp_path, model_dir, mlflow_server, backbone):
+    """`python workflows/train.py` on its own: it starts a local Ray (no RAY_ADDRESS given)."""
     args = overrides(model_dir, tmp_path / "tiles", mlflow_server.uri, ["tracking.registered_model=quick"])
-    done = run_workflow("train.py", ["--config", str(QUICKSTART), "--output", str(tmp_path / "out"), *args],
-                        env={"RAY_ADDRESS": ray_cluster})
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, str(REPO / "workflows" / "train.py"), "--config", str(QUICKSTART),
+                           "--output", str(tmp_path / "out"), *args], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "| method | seed | base | new | hm |" in out and "| bimors | 1 |" in out
@@ -89,18 +92,24 @@ def test_train_workflow_through_ray_job_submit(tmp_path, model_dir):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
+    # every port explicit: the session's own Ray already holds the defaults (e.g. the agent's 52365)
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
     start = subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", f"--dashboard-port={dashboard}",
-                            "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
+                            "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true", *ports,
                             f"--temp-dir={temp_dir}"], env=env, capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, start.stderr[-2000:]
     try:
         args = overrides(model_dir, tmp_path / "tiles", None)
-        job = subprocess.run(
-            [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
-             "--", "python", "workflows/train.py", "--config", "configs/quickstart.yaml",
-             "--output", str(tmp_path / "out"), *args],
-            env=env, capture_output=True, text=True, timeout=600,
-        )
+        submit = [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
+                  "--", "python", "workflows/train.py", "--config", "configs/quickstart.yaml",
+                  "--output", str(tmp_path / "out"), *args]
+        for _ in range(60):  # the head's job agent comes up a little after `ray start` returns
+            job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent to submit job" not in job.stdout + job.stderr:
+                break
+            time.sleep(2)
         assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
         assert "succeeded" in job.stdout + job.stderr
         assert "| bimors | 1 |" in job.stdout

@@ -144,3 +144,27 @@ def test_a_killed_worker_resumes_from_its_checkpoint_and_ends_the_same(small, on
     for a, b in zip(one_worker.history, result.history, strict=True):
         a, b = ({k: v for k, v in h.items() if k != "epoch_seconds"} for h in (a, b))
         assert b == pytest.approx(a, rel=1e-6, abs=1e-7)
+
+
+def test_checkpoints_go_to_object_storage(small, s3_server, s3_storage, backbone):
+    from bimors import storage
+    from bimors.pipelines.inference import Predictor
+
+    cfg, _, _, data = small
+    on_s3 = cfg.model_copy(update={"storage": s3_storage, "optim": cfg.optim.model_copy(update={"epochs": 2})})
+    bucket = s3_server.create_bucket("runs")
+    result = fit(on_s3, data, f"s3://{bucket}/runs", "to-s3")
+    assert result.checkpoint.startswith(f"s3://{bucket}/runs/to-s3/checkpoint_")
+    assert storage.exists(storage.join(result.checkpoint, "learner.safetensors"), s3_storage)
+    predictor = Predictor.from_checkpoint(on_s3, result.checkpoint, backbone=backbone)
+    assert predictor.predict_table(data.splits["test"]).shape == (len(data.splits["test"]), len(data.classnames))
+
+
+def test_missing_features_are_computed_first_not_skipped(small):
+    cfg, _, store, _ = small
+    before = store.done_tile_ids()
+    seed2 = protocol_data(cfg, store, seed=2)  # the store was featurized for seed 1's shots only
+    after = store.done_tile_ids()
+    assert after > before
+    assert len(seed2.splits["train"]) == 4 * len(seed2.classnames)
+    assert sum(seed2.unfeaturized.values()) == 0
