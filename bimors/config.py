@@ -8,6 +8,7 @@ The defaults are the paper's settings; ``configs/quickstart.yaml`` shrinks them 
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -260,6 +261,101 @@ class EvaluateConfig(Section):
     predict: StageConfig = StageConfig(batch_size=256)
 
 
+class SceneConfig(Section):
+    """Whole-scene inference (nightly job, endpoint): how a scene is cut into tiles and made RGB."""
+
+    tile_size: int = Field(256, ge=16, description="tile side in scene pixels")
+    stride: int | None = Field(
+        None, ge=1, description="step between tiles (< tile_size overlaps; each pixel goes to the nearest tile "
+        "centre); default tile_size"
+    )
+    decode: DecodeConfig = Field(
+        DecodeConfig(), description="bands and stretch (e.g. bands [4, 3, 2] for Sentinel-2); the stretch "
+        "statistics come from the whole scene, so neighbouring tiles match"
+    )
+    nodata: float | None = Field(None, description="nodata value for files that do not declare one")
+    max_pixels: int = Field(
+        2_000_000_000, gt=0, description="scenes with more pixels are refused (read in windows, so memory stays "
+        "bounded whatever the size)"
+    )
+    batch_size: int = Field(32, ge=1, description="tiles per model call")
+    max_side: int = Field(512, ge=32, description="tiles larger than this are downscaled before the models")
+    stats_max_side: int = Field(1024, ge=64, description="side of the overview read for the stretch statistics")
+    preview_max_side: int = Field(1024, ge=64, description="longest side of the PNG preview")
+    suffixes: list[str] = Field(
+        default_factory=lambda: [".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2"],
+        description="file endings the nightly job treats as scenes",
+    )
+    classify: StageConfig = Field(
+        StageConfig(batch_size=1), description="the nightly job's Ray Data actor pool (one scene per call)"
+    )
+
+    @model_validator(mode="after")
+    def _stride_leaves_no_gaps(self) -> "SceneConfig":
+        if self.stride is not None and self.stride > self.tile_size:
+            raise ValueError(f"stride ({self.stride}) larger than tile_size ({self.tile_size}) would leave gaps")
+        return self
+
+    @property
+    def step(self) -> int:
+        return self.stride or self.tile_size
+
+
+class ReplicasConfig(Section):
+    """A Ray Serve deployment's replicas: autoscaling bounds and resources per replica."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(4.0, gt=0, description="autoscaling target per replica")
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ReplicasConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+    def autoscaling(self) -> dict[str, Any]:
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+        }
+
+
+class BatchedReplicasConfig(ReplicasConfig):
+    """A model deployment: replicas plus ``@serve.batch`` settings."""
+
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+
+
+class ServeConfig(Section):
+    """The Ray Serve application: HTTP, limits, auth and the three deployments."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    api_token: SecretStr | None = Field(
+        None, description="bearer token required on every route but /health; default: the BIMORS_API_TOKEN "
+        "environment variable; unset: no auth"
+    )
+    max_upload_bytes: int = Field(32 * 2**20, gt=0, description="larger request bodies get 413")
+    max_scene_pixels: int = Field(400_000_000, gt=0, description="larger scenes get 413")
+    top_k: int = Field(5, ge=1)
+    output: str = Field("outputs/serve", description="where scene jobs write their outputs and status")
+    scene_jobs: int = Field(2, ge=1, description="scenes one ingress replica classifies at a time")
+    ingress: ReplicasConfig = ReplicasConfig(num_cpus=0.5)
+    captioner: BatchedReplicasConfig = BatchedReplicasConfig()
+    classifier: BatchedReplicasConfig = BatchedReplicasConfig(max_batch_size=32)
+
+    def token(self) -> str | None:
+        """The configured token, else ``BIMORS_API_TOKEN`` (how a Kubernetes secret reaches a pod)."""
+        if self.api_token is not None:
+            return self.api_token.get_secret_value() or None
+        return os.environ.get("BIMORS_API_TOKEN") or None
+
+
 class Config(Section):
     """The whole run."""
 
@@ -272,6 +368,8 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    scene: SceneConfig = SceneConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _global_batch_splits_over_workers(self) -> "Config":

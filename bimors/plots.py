@@ -86,6 +86,12 @@ def curves_figure(history: Sequence[dict[str, float]]) -> Figure:
     return fig
 
 
+def class_palette(n: int) -> list[tuple[float, ...]]:
+    """``n`` categorical colours (RGB in 0..1), the same in previews and GeoTIFF colour tables."""
+    palette = colormaps["tab20"].colors if n <= 20 else colormaps["turbo"](np.linspace(0, 1, n))
+    return [tuple(float(v) for v in colour[:3]) for colour in palette[:n]]
+
+
 def class_map_preview(
     class_map: np.ndarray, classnames: Sequence[str], nodata_value: int = -1, title: str | None = None
 ) -> Figure:
@@ -95,8 +101,7 @@ def class_map_preview(
     if class_map.ndim != 2:
         raise ValueError(f"class map must be 2-D (rows, cols), got shape {class_map.shape}")
     n = len(classnames)
-    palette = colormaps["tab20"].colors if n <= 20 else colormaps["turbo"](np.linspace(0, 1, n))
-    cmap = ListedColormap(palette[:n] if n else ["white"])
+    cmap = ListedColormap(class_palette(n) if n else ["white"])
     masked = np.ma.masked_where((class_map == nodata_value) | (class_map < 0) | (class_map >= n), class_map)
 
     height, width = class_map.shape

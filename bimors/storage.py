@@ -238,6 +238,23 @@ def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None
         raise _fail(uri, err, cfg) from err
 
 
+def put_file(local: str | Path, uri: str, cfg: StorageConfig | None = None) -> None:
+    """Copy a local file to ``uri`` without reading it into memory (outputs can be large).
+    Local targets are written beside and renamed, so readers never see half a file."""
+    if not is_remote(uri):
+        target = local_path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+        shutil.copyfile(local, partial)
+        os.replace(partial, target)
+        return
+    fs, path = filesystem(uri, cfg)
+    try:
+        fs.put_file(str(local), path)
+    except Exception as err:  # noqa: BLE001
+        raise _fail(uri, err, cfg) from err
+
+
 def join(uri: str, *parts: str) -> str:
     """``join("s3://b/models/", "clip", "w.bin") == "s3://b/models/clip/w.bin"``; empty parts are skipped."""
     return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts if p.strip("/"))])

@@ -320,6 +320,18 @@ def resolve_checkpoint(model_uri: str, cfg: Config) -> str:
     return model_uri
 
 
+def registry_version(model_uri: str, cfg: Config) -> str | None:
+    """The registry version ``models:/name@alias`` (or ``models:/name/<n>``) points at now, shown by
+    the endpoint's model info; ``None`` for run and checkpoint URIs."""
+    if not model_uri.startswith("models:"):
+        return None
+    parts = [p for p in model_uri.partition(":")[2].split("/") if p]
+    if parts and "@" in parts[0]:
+        name, _, alias = parts[0].partition("@")
+        return _model_version(_client(tracking_uri(cfg.tracking)), model_uri, tracking_uri(cfg.tracking), name, alias=alias)
+    return parts[1] if len(parts) >= 2 else None
+
+
 def _artifact_location(model_uri: str, uri: str) -> str:
     """Resolve a registry/run URI to the immutable artifact location it currently points at.
 

@@ -55,3 +55,18 @@ def caption_encoder(tiny_config: Config):
 def random_images(n: int, size: int = 64, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+SCENE_CLASSES = ["beach", "desert", "forest", "river"]
+
+
+@pytest.fixture(scope="session")
+def learner_checkpoint(tiny_config: Config, backbone, caption_encoder, tmp_path_factory) -> Path:
+    """An (untrained) BiMoRS learner on the tiny backbone, saved as a real checkpoint folder."""
+    from bimors.models.checkpoint import save_learner
+    from bimors.models.classifier import build_learner
+
+    folder = tmp_path_factory.mktemp("checkpoint") / "bimors"
+    learner = build_learner(tiny_config.model.learner, backbone, caption_encoder.dim)
+    save_learner(str(folder), learner, SCENE_CLASSES, backbone.identity, tiny_config.model_dump(mode="json"))
+    return folder

@@ -136,7 +136,7 @@ def _read_with_rasterio(data: bytes, cfg: DecodeConfig) -> tuple[np.ndarray, np.
     try:
         with MemoryFile(data) as memfile, memfile.open() as dataset:
             _check_size(dataset.width, dataset.height, cfg)
-            indexes = _band_indexes(dataset.count, cfg.bands)
+            indexes = band_indexes(dataset.count, cfg.bands)
             masked = dataset.read(indexes, masked=True)
     except RasterioError as err:
         raise _NotForRasterio(_gdal_reason(err)) from None
@@ -154,7 +154,7 @@ def _gdal_reason(err: BaseException) -> str:
     return text.lstrip(" ,:")
 
 
-def _band_indexes(count: int, bands: Sequence[int] | None) -> list[int]:
+def band_indexes(count: int, bands: Sequence[int] | None) -> list[int]:
     if bands is None:
         return [1, 1, 1] if count < 3 else [1, 2, 3]
     if len(bands) not in (1, 3):
@@ -171,57 +171,102 @@ def _band_indexes(count: int, bands: Sequence[int] | None) -> list[int]:
 # bands -> 8-bit RGB
 
 
-def bands_to_rgb(bands: np.ndarray, cfg: DecodeConfig | None = None, valid: np.ndarray | None = None) -> np.ndarray:
+Limits = list[tuple[float, float]]
+
+
+def bands_to_rgb(
+    bands: np.ndarray,
+    cfg: DecodeConfig | None = None,
+    valid: np.ndarray | None = None,
+    limits: Limits | None = None,
+) -> np.ndarray:
     """``(bands, H, W)`` raster in any dtype -> ``uint8 (H, W, 3)`` following the module's rules.
 
     Public so the scene tiler can push windows it read itself through the very same rules;
-    ``valid`` is a boolean mask (same shape as ``bands``, or ``(H, W)``) of pixels that hold data.
+    ``valid`` is a boolean mask (same shape as ``bands``, or ``(H, W)``) of pixels that hold data;
+    ``limits`` (per selected band, from :func:`stretch_limits` over the whole scene) replaces the
+    per-image statistics, so that neighbouring tiles of one scene get the same colours.
     """
     cfg = cfg or DecodeConfig()
+    selected, valid = _select(bands, cfg, valid)
+    return _to_rgb8(selected, valid, cfg, limits)
+
+
+def stretch_limits(bands: np.ndarray, cfg: DecodeConfig | None = None, valid: np.ndarray | None = None) -> Limits | None:
+    """Per-band ``(low, high)`` the stretch would use for this raster (typically a scene overview);
+    ``None`` when the configured stretch keeps values as they are."""
+    cfg = cfg or DecodeConfig()
+    selected, valid = _select(bands, cfg, valid)
+    valid = _valid_mask(selected, valid)
+    if _stretch_kind(selected, cfg) == "none":
+        return None
+    return [
+        _band_limits(selected[i], None if valid is None else valid[i], cfg.stretch if cfg.stretch != "auto" else "percentile", cfg.percentiles)
+        for i in range(selected.shape[0])
+    ]
+
+
+def _select(bands: np.ndarray, cfg: DecodeConfig, valid: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     if bands.ndim != 3:
         raise DecodeError(f"expected a (bands, height, width) array, got shape {bands.shape}")
-    picks = [i - 1 for i in _band_indexes(bands.shape[0], cfg.bands)]
+    picks = [i - 1 for i in band_indexes(bands.shape[0], cfg.bands)]
     if valid is not None and valid.ndim == 3:
         valid = valid[picks]
-    return _to_rgb8(np.asarray(bands)[picks], valid, cfg)
+    return np.asarray(bands)[picks], valid
 
 
-def _to_rgb8(selected: np.ndarray, valid: np.ndarray | None, cfg: DecodeConfig) -> np.ndarray:
-    """Stretch three already-selected bands to ``uint8`` and put channels last."""
+def _valid_mask(selected: np.ndarray, valid: np.ndarray | None) -> np.ndarray | None:
     if valid is not None:
         valid = np.broadcast_to(valid, selected.shape)
     if np.issubdtype(selected.dtype, np.floating):
         finite = np.isfinite(selected)
         if not finite.all():
             valid = finite if valid is None else (valid & finite)
-    is_8bit = selected.dtype == np.uint8
-    stretch = cfg.stretch
-    if stretch == "auto":
-        stretch = "none" if is_8bit else "percentile"
+    return valid
 
+
+def _stretch_kind(selected: np.ndarray, cfg: DecodeConfig) -> str:
+    if cfg.stretch == "auto":
+        return "none" if selected.dtype == np.uint8 else "percentile"
+    return cfg.stretch
+
+
+def _to_rgb8(selected: np.ndarray, valid: np.ndarray | None, cfg: DecodeConfig, limits: Limits | None = None) -> np.ndarray:
+    """Stretch three already-selected bands to ``uint8`` and put channels last."""
+    valid = _valid_mask(selected, valid)
+    stretch = _stretch_kind(selected, cfg)
     if stretch == "none":
+        is_8bit = selected.dtype == np.uint8
         out = selected if is_8bit else np.clip(np.nan_to_num(selected.astype(np.float64)), 0, 255).astype(np.uint8)
     else:
         out = np.empty(selected.shape, np.uint8)
         for i in range(selected.shape[0]):
-            out[i] = _stretch_band(selected[i], None if valid is None else valid[i], stretch, cfg.percentiles)
+            band_valid = None if valid is None else valid[i]
+            low_high = limits[i] if limits is not None else _band_limits(selected[i], band_valid, stretch, cfg.percentiles)
+            out[i] = _scale(selected[i], low_high)
     if valid is not None:
         out = np.where(valid, out, 0).astype(np.uint8)
     return np.ascontiguousarray(np.moveaxis(out, 0, -1))
 
 
-def _stretch_band(band: np.ndarray, valid: np.ndarray | None, how: str, percentiles: Sequence[float]) -> np.ndarray:
+def _band_limits(
+    band: np.ndarray, valid: np.ndarray | None, how: str, percentiles: Sequence[float]
+) -> tuple[float, float]:
     values = band[valid] if valid is not None else band.reshape(-1)
     if values.size == 0:
-        return np.zeros(band.shape, np.uint8)
+        return (0.0, 0.0)
     if values.size > _STATS_SAMPLE:
         values = values[:: values.size // _STATS_SAMPLE + 1]
     values = values.astype(np.float64)
     if how == "minmax":
-        low, high = float(values.min()), float(values.max())
-    else:
-        low, high = (float(v) for v in np.percentile(values, list(percentiles)))
-    if not high > low:  # constant band: there is no contrast to stretch
+        return float(values.min()), float(values.max())
+    low, high = (float(v) for v in np.percentile(values, list(percentiles)))
+    return low, high
+
+
+def _scale(band: np.ndarray, low_high: tuple[float, float]) -> np.ndarray:
+    low, high = low_high
+    if not high > low:  # constant band (or no data): there is no contrast to stretch
         return np.zeros(band.shape, np.uint8)
     scaled = (np.nan_to_num(band.astype(np.float64), nan=low) - low) * (255.0 / (high - low))
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)

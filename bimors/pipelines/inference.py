@@ -1,7 +1,7 @@
 """The one inference path: frozen features -> learner -> class probabilities.
 
 Evaluation feeds it features from the store; the nightly job and the endpoint feed it raw tiles,
-which :class:`FrozenEncoders` turns into the same features first. Either way the logits come from
+which :meth:`Predictor.image_features` (and :class:`CaptionModels`) turn into the same features first. Either way the logits come from
 :meth:`Predictor.logits`, so a model scores the same tile the same way everywhere.
 """
 
@@ -55,37 +55,46 @@ def features_from_table(table: pa.Table, uses: frozenset[str]) -> Features:
     )
 
 
-class FrozenEncoders:
-    """Captioner, caption encoder and CLIP image tower: raw tiles -> Features (+ captions)."""
+@dataclass
+class Captioned:
+    """Captions and their embeddings for a batch of tiles (what the captioner deployment returns)."""
 
-    def __init__(self, cfg: Config, backbone: FrozenCLIP, device: torch.device | str, captions: bool = True):
+    captions: list[str]
+    embeddings: torch.Tensor
+
+
+class CaptionModels:
+    """BLIP-2 captioner + BERT caption encoder: raw tiles -> captions and caption embeddings.
+
+    Separate from :class:`Predictor` so that an endpoint can scale captioning (the heavy part)
+    apart from classification; featurize runs the same two models in its caption stage."""
+
+    def __init__(self, cfg: Config, device: torch.device | str):
         from bimors.models.caption_encoder import CaptionEncoder
         from bimors.models.captioner import Captioner
 
-        self.backbone = backbone
-        self.captioner = Captioner.load(cfg.model.captioner, cfg.storage, device) if captions else None
-        self.caption_encoder = CaptionEncoder.load(cfg.model.caption_encoder, cfg.storage, device) if captions else None
+        self.captioner = Captioner.load(cfg.model.captioner, cfg.storage, device)
+        self.encoder = CaptionEncoder.load(cfg.model.caption_encoder, cfg.storage, device)
 
-    def encode(self, images: Sequence[np.ndarray]) -> tuple[Features, list[str]]:
-        feats = self.backbone.encode_image(self.backbone.preprocess(images))
-        captions: list[str] = []
-        caption_emb = None
-        if self.captioner is not None and self.caption_encoder is not None:
-            captions = self.captioner.caption(images)
-            caption_emb = self.caption_encoder.encode(captions)
-        return Features(feats.embedding, feats.tokens, caption_emb), captions
+    def __call__(self, images: Sequence[np.ndarray]) -> Captioned:
+        captions = self.captioner.caption(images)
+        return Captioned(captions, self.encoder.encode(captions).float().cpu())
 
 
 class Predictor:
-    """A trained (or zero-shot) classifier plus, when raw tiles are to be classified, its encoders."""
+    """A trained (or zero-shot) classifier plus, when raw tiles are to be classified, its caption models."""
 
-    def __init__(self, classifier: PromptClassifier, encoders: FrozenEncoders | None = None):
+    def __init__(self, classifier: PromptClassifier, caption_models: CaptionModels | None = None):
         self.classifier = classifier.eval()
-        self.encoders = encoders
+        self.caption_models = caption_models
 
     @property
     def classnames(self) -> list[str]:
         return self.classifier.classnames
+
+    @property
+    def needs_captions(self) -> bool:
+        return "caption_emb" in self.classifier.learner.uses
 
     @classmethod
     def from_checkpoint(
@@ -98,12 +107,15 @@ class Predictor:
         backbone: FrozenCLIP | None = None,
     ) -> "Predictor":
         """Load a learner checkpoint (local path or URI) onto the configured frozen backbone.
-        ``classnames`` classifies over other classes than the checkpoint's (base-to-new)."""
+        ``classnames`` classifies over other classes than the checkpoint's (base-to-new);
+        ``encoders`` also loads the caption models, for classifying raw tiles on their own."""
         backbone = backbone or FrozenCLIP.load(cfg.model.backbone, cfg.storage, device)
         loaded = load_learner(checkpoint, backbone, storage_cfg=cfg.storage)
         classifier = PromptClassifier(backbone, loaded.learner, classnames or loaded.classnames)
-        needs_captions = "caption_emb" in loaded.learner.uses
-        return cls(classifier, FrozenEncoders(cfg, backbone, device, needs_captions) if encoders else None)
+        predictor = cls(classifier)
+        if encoders and predictor.needs_captions:
+            predictor.caption_models = CaptionModels(cfg, device)
+        return predictor
 
     @torch.no_grad()
     def logits(self, features: Features) -> torch.Tensor:
@@ -120,14 +132,49 @@ class Predictor:
     def predict_table(self, table: pa.Table, batch_size: int = 256) -> np.ndarray:
         return self.probabilities(features_from_table(table, self.classifier.learner.uses), batch_size)
 
+    def image_features(self, images: Sequence[np.ndarray], caption_emb: torch.Tensor | None = None) -> Features:
+        """Raw uint8 RGB tiles -> the Features the store would hold for them (visual tokens kept in
+        float16 exactly as featurize stores them, so both paths give the same logits)."""
+        backbone = self.classifier.backbone
+        feats = backbone.encode_image(backbone.preprocess(images))
+        tokens = feats.tokens.to(torch.float16) if "visual_tokens" in self.classifier.learner.uses else None
+        return Features(feats.embedding.float(), tokens, caption_emb)
+
+    def classify_images(self, images: Sequence[np.ndarray], captioned: Captioned | None = None) -> np.ndarray:
+        """[N, C] probabilities for raw tiles; ``captioned`` comes from a :class:`CaptionModels`
+        (this predictor's own, or a separate deployment's) when the learner reads captions."""
+        if len(images) == 0:
+            return np.zeros((0, len(self.classnames)), np.float32)
+        caption_emb = None
+        if self.needs_captions:
+            if captioned is None:
+                raise ValueError("this learner reads caption embeddings; caption the tiles first")
+            if len(captioned.captions) != len(images):
+                raise ValueError(f"{len(captioned.captions)} captions for {len(images)} tiles")
+            caption_emb = captioned.embeddings
+        with torch.no_grad():
+            return self.probabilities(self.image_features(images, caption_emb), batch_size=len(images))
+
     def predict_images(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[str]]:
-        """Raw uint8 RGB tiles -> ([N, C] probabilities, captions)."""
-        if self.encoders is None:
-            raise RuntimeError("this predictor was loaded without encoders (encoders=True classifies raw tiles)")
+        """Raw uint8 RGB tiles -> ([N, C] probabilities, captions); captions are empty strings for
+        learners that do not read them."""
         if len(images) == 0:
             return np.zeros((0, len(self.classnames)), np.float32), []
-        features, captions = self.encoders.encode(images)
-        return self.probabilities(features), captions
+        captioned = None
+        if self.needs_captions:
+            if self.caption_models is None:
+                raise RuntimeError("this predictor was loaded without caption models (encoders=True classifies raw tiles)")
+            captioned = self.caption_models(images)
+        captions = captioned.captions if captioned is not None else [""] * len(images)
+        return self.classify_images(images, captioned), captions
+
+
+def load_predictor(cfg: Config, model_uri: str, device: torch.device | str = "cpu", encoders: bool = True) -> Predictor:
+    """``--model`` (``models:/name@alias``, ``runs:/...`` or a checkpoint URI) -> a Predictor for raw
+    tiles. Resolved where it runs: each node downloads registry models into its own cache."""
+    from bimors.tracking import resolve_checkpoint
+
+    return Predictor.from_checkpoint(cfg, resolve_checkpoint(model_uri, cfg), device, encoders=encoders)
 
 
 def _args(features: Features) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
