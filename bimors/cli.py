@@ -22,7 +22,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from bimors.models.checkpoint import CheckpointMismatchError
     from bimors.models.sources import ModelUnavailableError
     from bimors.pipelines.feature_store import StoreMismatchError
+    from bimors.pipelines.scene import SceneError
     from bimors.storage import StorageError
+    from bimors.tracking import TrackingError
 
     return (
         ConfigError,
@@ -32,6 +34,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ModelUnavailableError,
         CheckpointMismatchError,
         StoreMismatchError,
+        SceneError,
+        TrackingError,
         FileNotFoundError,
     )
 
