@@ -48,6 +48,10 @@ class DecodeError(ValueError):
     """The bytes are not an image this module can turn into RGB; the message says what was wrong."""
 
 
+class ImageTooLargeError(DecodeError):
+    """The image has more pixels than ``DecodeConfig.max_pixels`` (checked from the header)."""
+
+
 def decode_image(data: bytes, cfg: DecodeConfig | None = None) -> np.ndarray:
     """Decode one encoded image to ``uint8`` RGB ``(H, W, 3)``."""
     cfg = cfg or DecodeConfig()
@@ -80,7 +84,7 @@ def _check_size(width: int, height: int, cfg: DecodeConfig) -> None:
     if width <= 0 or height <= 0:
         raise DecodeError(f"image has no pixels ({width}x{height})")
     if width * height > cfg.max_pixels:
-        raise DecodeError(
+        raise ImageTooLargeError(
             f"image is {width}x{height} = {width * height:,} pixels, over decode.max_pixels={cfg.max_pixels:,}"
         )
 

@@ -28,4 +28,9 @@ def read_tile(
     uri: str, decode_cfg: DecodeConfig, storage_cfg: StorageConfig | None, max_side: int
 ) -> np.ndarray:
     """uint8 RGB (H, W, 3) of the tile at ``uri``. Raises StorageError (read) or DecodeError (decode)."""
-    return fit_within(decode_image(storage.read_bytes(uri, storage_cfg), decode_cfg), max_side)
+    return tile_from_bytes(storage.read_bytes(uri, storage_cfg), decode_cfg, max_side)
+
+
+def tile_from_bytes(data: bytes, decode_cfg: DecodeConfig, max_side: int) -> np.ndarray:
+    """The same for bytes already in hand (an upload to the endpoint)."""
+    return fit_within(decode_image(data, decode_cfg), max_side)

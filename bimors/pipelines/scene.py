@@ -74,6 +74,10 @@ class SceneError(ValueError):
     """The scene cannot be classified at all (unreadable, too large, bad band selection)."""
 
 
+class SceneTooLargeError(SceneError):
+    """The scene has more pixels than allowed."""
+
+
 # --------------------------------------------------------------------------------------------
 # the tile grid
 
@@ -152,7 +156,7 @@ class SceneReader:
         limit = max_pixels or cfg.max_pixels
         if ds.width * ds.height > limit:
             ds.close()
-            raise SceneError(f"{uri}: scene is {ds.width}x{ds.height} = {ds.width * ds.height:,} pixels, over the limit of {limit:,}")
+            raise SceneTooLargeError(f"{uri}: scene is {ds.width}x{ds.height} = {ds.width * ds.height:,} pixels, over the limit of {limit:,}")
         try:
             self.indexes = band_indexes(ds.count, cfg.decode.bands)
         except DecodeError as err:

@@ -1,0 +1,71 @@
+"""The two model deployments. Captioning (BLIP-2 + BERT) and classification (CLIP + the prompt
+learner) scale apart: captioning is the heavy part and wants the GPUs. Both batch requests with
+``@serve.batch``; batch sizes come from the config and are applied when a replica starts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from ray import serve
+
+from bimors.config import Config
+
+
+def _device(num_gpus: float) -> torch.device:
+    from bimors.pipelines.stages import pick_device
+
+    return pick_device(num_gpus)
+
+
+@serve.deployment(name="Captioner")
+class CaptionerDeployment:
+    """uint8 RGB tile -> (caption, caption embedding)."""
+
+    def __init__(self, cfg: Config):
+        from bimors.pipelines.inference import CaptionModels
+
+        self.models = CaptionModels(cfg, _device(cfg.serve.captioner.num_gpus))
+        self.caption.set_max_batch_size(cfg.serve.captioner.max_batch_size)
+        self.caption.set_batch_wait_timeout_s(cfg.serve.captioner.batch_wait_timeout_s)
+
+    @serve.batch
+    async def caption(self, images: list[np.ndarray]) -> list[tuple[str, np.ndarray]]:
+        captioned = self.models(images)
+        return list(zip(captioned.captions, captioned.embeddings.numpy()))
+
+
+@serve.deployment(name="Classifier")
+class ClassifierDeployment:
+    """uint8 RGB tile (+ its caption embedding when the learner reads one) -> class probabilities."""
+
+    def __init__(self, cfg: Config, model_uri: str):
+        from bimors.pipelines.inference import load_predictor
+        from bimors.tracking import registry_version
+
+        self.predictor = load_predictor(cfg, model_uri, _device(cfg.serve.classifier.num_gpus), encoders=False)
+        backbone = self.predictor.classifier.backbone.identity
+        self._info = {
+            "model": model_uri,
+            "mlflow_version": registry_version(model_uri, cfg),
+            "method": self.predictor.classifier.learner.method,
+            "classes": list(self.predictor.classnames),
+            "backbone": {k: backbone.get(k) for k in ("name", "pretrained", "fingerprint") if k in backbone},
+            "needs_captions": self.predictor.needs_captions,
+        }
+        self.classify.set_max_batch_size(cfg.serve.classifier.max_batch_size)
+        self.classify.set_batch_wait_timeout_s(cfg.serve.classifier.batch_wait_timeout_s)
+
+    def info(self) -> dict[str, Any]:
+        return self._info
+
+    @serve.batch
+    async def classify(self, items: list[tuple[np.ndarray, np.ndarray | None]]) -> list[np.ndarray]:
+        from bimors.pipelines.inference import Captioned
+
+        images = [image for image, _ in items]
+        captioned = None
+        if self.predictor.needs_captions:
+            captioned = Captioned([""] * len(items), torch.from_numpy(np.stack([emb for _, emb in items])))
+        return list(self.predictor.classify_images(images, captioned))

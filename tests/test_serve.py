@@ -1,0 +1,168 @@
+"""The Ray Serve application, started on a local Ray and spoken to over HTTP with a real client:
+auth, tiles, scenes (URL and upload, with polling), every bad input, and a bounded load."""
+
+from __future__ import annotations
+
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import rasterio
+from PIL import Image
+
+from bimors.data.synthetic_scene import write_synthetic_scene
+from model_fixtures import SCENE_CLASSES, random_images
+from s3_server import free_port
+
+pytestmark = pytest.mark.slow
+TOKEN = "test-token-" + "x" * 8
+
+
+def png(image: np.ndarray) -> bytes:
+    sink = io.BytesIO()
+    Image.fromarray(image).save(sink, format="PNG")
+    return sink.getvalue()
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, tiny_config, learner_checkpoint, tmp_path_factory):
+    from ray import serve
+
+    from bimors.serve.app import compose
+
+    out = tmp_path_factory.mktemp("serve")
+    small = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.25}
+    cfg = tiny_config.model_validate(tiny_config.model_dump() | {
+        "scene": tiny_config.scene.model_dump() | {"tile_size": 64, "batch_size": 8},
+        "serve": {"api_token": TOKEN, "max_upload_bytes": 200_000, "max_scene_pixels": 300 * 300, "output": str(out),
+                  "ingress": small, "captioner": small | {"max_batch_size": 8}, "classifier": small | {"max_batch_size": 16}},
+    })
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(compose(cfg, str(learner_checkpoint)), name="bimors-test", route_prefix="/")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120)
+    try:
+        yield client, cfg, out
+    finally:
+        client.close()
+        serve.shutdown()
+
+
+def test_health_needs_no_token_everything_else_does(app):
+    client, _, _ = app
+    assert httpx.get(f"{client.base_url}/health").status_code == 200
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        response = httpx.get(f"{client.base_url}/model", headers=headers)
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+    bare = httpx.post(f"{client.base_url}/classify/tile", content=png(random_images(1)[0]))
+    assert bare.status_code == 401
+
+
+def test_model_info(app):
+    client, _, _ = app
+    info = client.get("/model").json()
+    assert info["classes"] == SCENE_CLASSES and info["method"] == "bimors" and info["mlflow_version"] is None
+    assert info["backbone"]["fingerprint"] and info["needs_captions"] is True
+
+
+def test_tile_gives_top_k_and_a_caption_matching_the_library(app, tiny_config, learner_checkpoint):
+    from bimors.data.tiles import tile_from_bytes
+    from bimors.pipelines.inference import load_predictor
+
+    client, cfg, _ = app
+    body = png(random_images(1, size=80, seed=3)[0])
+    result = client.post("/classify/tile", content=body, params={"top_k": 3}).json()
+    assert len(result["top"]) == 3 and result["caption"]
+    probs = [t["probability"] for t in result["top"]]
+    assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+    # the library's own path on the same bytes: same classes, same probabilities, same caption
+    predictor = load_predictor(tiny_config, str(learner_checkpoint))
+    expected, captions = predictor.predict_images([tile_from_bytes(body, cfg.data.decode, cfg.featurize.max_side)])
+    order = np.argsort(-expected[0])[:3]
+    assert [t["class"] for t in result["top"]] == [SCENE_CLASSES[i] for i in order]
+    assert probs == pytest.approx(expected[0][order].tolist(), rel=1e-4, abs=1e-6)
+    assert result["caption"] == captions[0]
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"definitely not an image", 422, "not a usable image"),
+    (b"", 400, "empty request body"),
+    (b"\x89PNG" + b"\x00" * 300_000, 413, "over the limit"),
+])
+def test_bad_tiles_get_4xx_with_a_reason(app, body, status, words):
+    client, _, _ = app
+    response = client.post("/classify/tile", content=body)
+    assert response.status_code == status and words in response.json()["detail"]
+
+
+def test_tile_over_the_pixel_limit_is_refused_from_its_header(app):
+    client, _, _ = app
+    big = png(np.zeros((400, 400, 3), np.uint8))  # compresses to a few KB, 160,000 pixels > 90,000
+    assert len(big) < 200_000
+    response = client.post("/classify/tile", content=big)
+    assert response.status_code == 413 and "pixels" in response.json()["detail"]
+
+
+def wait_for(client: httpx.Client, job: dict, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get(f"/jobs/{job['job_id']}").json()
+        if status["state"] in ("done", "failed"):
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"job {job['job_id']} did not finish: {status}")
+
+
+def test_scene_by_url_and_by_upload(app, tmp_path):
+    client, _, out = app
+    write_synthetic_scene(tmp_path / "scene.tif", SCENE_CLASSES, (2, 3), block=64, nodata_blocks=[(0, 0)])
+    submitted = client.post("/classify/scene", json={"url": str(tmp_path / "scene.tif")})
+    assert submitted.status_code == 202 and submitted.headers["location"] == f"/jobs/{submitted.json()['job_id']}"
+    done = wait_for(client, submitted.json())
+    assert done["state"] == "done", done
+    assert (done["tiles"], done["classified"], done["nodata"], done["errors"]) == (6, 5, 1, 0)
+    with rasterio.open(done["outputs"]["class_map"]) as cm, rasterio.open(tmp_path / "scene.tif") as src:
+        assert cm.crs == src.crs and cm.transform == src.transform
+
+    uploaded = client.post("/classify/scene", content=(tmp_path / "scene.tif").read_bytes(),
+                           headers={"Content-Type": "image/tiff"})
+    assert uploaded.status_code == 202
+    done = wait_for(client, uploaded.json())
+    assert done["state"] == "done" and done["classified"] == 5
+    assert done["outputs"]["tiles"].startswith(str(out))
+
+
+def test_bad_scenes_get_4xx_and_unknown_jobs_404(app, tmp_path):
+    client, _, _ = app
+    missing = client.post("/classify/scene", json={"url": str(tmp_path / "nowhere.tif")})
+    assert missing.status_code == 400 and "nowhere.tif" in missing.json()["detail"]
+    bad_uri = client.post("/classify/scene", json={"url": "s3://"})
+    assert bad_uri.status_code == 400
+    assert client.post("/classify/scene", json={"nope": 1}).status_code == 400
+    not_image = client.post("/classify/scene", content=b"plain text", headers={"Content-Type": "text/plain"})
+    assert not_image.status_code == 422
+    (tmp_path / "fake.tif").write_bytes(b"II*\x00 not really a tiff")
+    assert client.post("/classify/scene", json={"url": str(tmp_path / "fake.tif")}).status_code == 422
+    write_synthetic_scene(tmp_path / "big.tif", SCENE_CLASSES, (5, 5), block=64, bands=3, dtype="uint8")  # 320 x 320
+    big = client.post("/classify/scene", json={"url": str(tmp_path / "big.tif")})
+    assert big.status_code == 413 and "over the limit" in big.json()["detail"]
+    assert client.get("/jobs/0123456789abcdef").status_code == 404
+    assert client.get("/jobs/..%2F..%2Fetc").status_code == 404
+    assert client.get("/health").status_code == 200  # and the replica is still fine
+
+
+def test_bounded_load_completes_without_5xx(app):
+    client, _, _ = app
+    bodies = [png(image) for image in random_images(12, size=64, seed=7)]
+
+    def one(i: int) -> int:
+        return client.post("/classify/tile", content=bodies[i % len(bodies)]).status_code
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(one, range(300)))
+    assert codes.count(200) == 300, {c: codes.count(c) for c in set(codes)}
+    assert time.perf_counter() - started < 300
