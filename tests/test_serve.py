@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -19,6 +20,7 @@ from s3_server import free_port
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-" + "x" * 8
+REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 def png(image: np.ndarray) -> bytes:
@@ -166,3 +168,28 @@ def test_bounded_load_completes_without_5xx(app):
         codes = list(pool.map(one, range(300)))
     assert codes.count(200) == 300, {c: codes.count(c) for c in set(codes)}
     assert time.perf_counter() - started < 300
+
+
+def test_deployments_load_the_model_from_the_mlflow_registry(tiny_config, learner_checkpoint, mlflow_server):
+    """What the classifier replica does at start-up with ``--model models:/name@alias``."""
+    from bimors import tracking
+    from bimors.pipelines.inference import load_predictor
+    from bimors.serve.app import build_app
+
+    cfg = tiny_config.model_copy(update={"tracking": tiny_config.tracking.model_copy(update={
+        "uri": mlflow_server.uri, "registered_model": "scene-model", "alias": "champion"})})
+    run_id = tracking.start_run(cfg, "serve-registry")
+    version = tracking.register_model(cfg, run_id, str(learner_checkpoint))
+    tracking.end_run(mlflow_server.uri, run_id)
+
+    predictor = load_predictor(cfg, "models:/scene-model@champion", encoders=False)
+    assert predictor.classnames == SCENE_CLASSES
+    assert tracking.registry_version("models:/scene-model@champion", cfg) == str(version)
+    assert tracking.registry_version(str(learner_checkpoint), cfg) is None
+    with pytest.raises(tracking.TrackingError, match="no alias 'gone'"):
+        load_predictor(cfg, "models:/scene-model@gone")
+    app = build_app({"config": str(REPO_CONFIG), "model": "models:/scene-model@champion",
+                     "overrides": [f"tracking.uri={mlflow_server.uri}"]})
+    assert type(app).__name__ == "Application"
+    with pytest.raises(ValueError, match="needs a 'model'"):
+        build_app({"config": str(REPO_CONFIG)})
