@@ -193,3 +193,19 @@ def test_deployments_load_the_model_from_the_mlflow_registry(tiny_config, learne
     assert type(app).__name__ == "Application"
     with pytest.raises(ValueError, match="needs a 'model'"):
         build_app({"config": str(REPO_CONFIG)})
+
+
+def test_replicas_resources_and_autoscaling_come_from_the_config():
+    from bimors.config import load_config
+    from bimors.serve.app import compose
+
+    cfg = load_config(REPO_CONFIG, ["serve.captioner.max_replicas=7", "serve.captioner.num_gpus=0.5",
+                                    "serve.classifier.min_replicas=0", "serve.classifier.target_ongoing_requests=3"])
+    ingress = compose(cfg, "models:/bimors@champion")._bound_deployment
+    deployments = {ingress.name: ingress} | {
+        a._bound_deployment.name: a._bound_deployment for a in ingress.init_args if hasattr(a, "_bound_deployment")}
+    assert set(deployments) == {"BimorsAPI", "Captioner", "Classifier"}
+    captioner, classifier = deployments["Captioner"], deployments["Classifier"]
+    assert captioner.ray_actor_options["num_gpus"] == 0.5 and captioner._deployment_config.autoscaling_config.max_replicas == 7
+    scaling = classifier._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.target_ongoing_requests) == (0, 3)
