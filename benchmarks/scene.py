@@ -17,8 +17,8 @@ clock and the memory measurement.
   goes, so the increment should not grow with the scene: large/small ~1 at 4x the pixels. GDAL's
   block cache is process-wide and by default may hold up to 5% of physical RAM of decoded blocks
   (the full-resolution blocks behind the decimated statistics read, the windows, the class map),
-  so the pair is run twice: with GDAL's default cache and with ``GDAL_CACHEMAX`` set below what
-  the smaller scene would fill (``--gdal-cachemax``, in MB; 0 skips that pair). Keep ``--side`` at
+  so the pair is run twice: with GDAL's default cache and with ``scene.gdal_cache_mb`` set below
+  what the smaller scene would fill (``--gdal-cachemax``, in MB; 0 skips that pair). Keep ``--side`` at
   or above ``scene.stats_max_side`` and ``scene.preview_max_side`` (1024): below them the
   statistics read and the preview grow with the scene by design.
 * batching: the smaller scene with ``scene.batch_size`` tiles per model call versus 1. Reported:
@@ -119,9 +119,10 @@ def child(spec: dict) -> dict:
 
 
 def run_child(spec: dict, gdal_cachemax: int | None = None) -> dict:
+    """One run; ``gdal_cachemax`` (MB) caps GDAL's block cache through ``scene.gdal_cache_mb``,
+    ``None`` leaves GDAL's default (5% of RAM)."""
     env = dict(os.environ)
-    if gdal_cachemax:
-        env["GDAL_CACHEMAX"] = str(gdal_cachemax)  # < 100000: megabytes
+    spec = {**spec, "overrides": [*spec["overrides"], f"scene.gdal_cache_mb={gdal_cachemax or 'null'}"]}
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
         capture_output=True, text=True, cwd=REPO, env=env,
@@ -159,7 +160,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="scene.batch_size of the batched runs")
     parser.add_argument("--unbatched", type=int, default=1, help="scene.batch_size it is compared with")
     parser.add_argument("--gdal-cachemax", type=int, default=16,
-                        help="GDAL_CACHEMAX (MB) of the second memory pair; 0 skips it")
+                        help="scene.gdal_cache_mb (MB) of the second memory pair; 0 skips it")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()

@@ -281,6 +281,10 @@ class SceneConfig(Section):
     batch_size: int = Field(32, ge=1, description="tiles per model call")
     max_side: int = Field(512, ge=32, description="tiles larger than this are downscaled before the models")
     stats_max_side: int = Field(1024, ge=64, description="side of the overview read for the stretch statistics")
+    gdal_cache_mb: int | None = Field(
+        64, ge=1, description="GDAL block cache while a scene is classified (process-wide); null: GDAL's default of "
+        "5% of RAM, which would let memory grow with the scene up to that much"
+    )
     preview_max_side: int = Field(1024, ge=64, description="longest side of the PNG preview")
     suffixes: list[str] = Field(
         default_factory=lambda: [".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2"],

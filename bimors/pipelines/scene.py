@@ -250,6 +250,21 @@ def classify_scene(
     a scene that cannot be opened at all raises :class:`SceneError` or ``StorageError``."""
     if len(classnames) > MAX_CLASSES - 1:
         raise SceneError(f"at most {MAX_CLASSES - 1} classes fit a uint8 class map, got {len(classnames)}")
+    cache = {"GDAL_CACHEMAX": cfg.gdal_cache_mb * 2**20} if cfg.gdal_cache_mb else {}
+    with rasterio.Env(**cache):
+        return _classify_scene(scene_uri, output_uri, classify, classnames, cfg, storage_cfg, max_pixels, progress)
+
+
+def _classify_scene(
+    scene_uri: str,
+    output_uri: str,
+    classify: ClassifyFn,
+    classnames: Sequence[str],
+    cfg: SceneConfig,
+    storage_cfg: StorageConfig | None,
+    max_pixels: int | None,
+    progress: Callable[[int, int], None] | None,
+) -> SceneResult:
     started = time.perf_counter()
     with SceneReader(scene_uri, cfg, storage_cfg, max_pixels) as reader, tempfile.TemporaryDirectory(prefix="bimors-scene-") as tmp:
         work = Path(tmp)
