@@ -328,7 +328,7 @@ def registry_version(model_uri: str, cfg: Config) -> str | None:
     parts = [p for p in model_uri.partition(":")[2].split("/") if p]
     if parts and "@" in parts[0]:
         name, _, alias = parts[0].partition("@")
-        return _model_version(_client(tracking_uri(cfg.tracking)), model_uri, tracking_uri(cfg.tracking), name, alias=alias)
+        return str(_model_version(_client(tracking_uri(cfg.tracking)), model_uri, tracking_uri(cfg.tracking), name, alias=alias))
     return parts[1] if len(parts) >= 2 else None
 
 

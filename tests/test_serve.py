@@ -209,3 +209,12 @@ def test_replicas_resources_and_autoscaling_come_from_the_config():
     assert captioner.ray_actor_options["num_gpus"] == 0.5 and captioner._deployment_config.autoscaling_config.max_replicas == 7
     scaling = classifier._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.target_ongoing_requests) == (0, 3)
+
+
+def test_serve_workflow_refuses_a_bad_model_before_starting_anything(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(REPO_CONFIG.parents[1] / "workflows" / "serve.py"), "--config", str(REPO_CONFIG),
+                           "--model", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "not a learner checkpoint" in done.stderr and "Traceback" not in done.stderr
