@@ -90,7 +90,9 @@ def test_class_map_lands_on_the_right_pixels_in_the_scene_crs(tmp_path):
     assert (classes == expected).all()
     assert set(np.unique(confidence)) == {90, NODATA}
 
-    tiles = pq.read_table(tmp_path / "out" / "tiles.parquet").to_pylist()
+    table = pq.read_table(tmp_path / "out" / "tiles.parquet")
+    assert table.schema.metadata[b"crs"] == b"EPSG:32632" and json.loads(table.schema.metadata[b"class_names"]) == names
+    tiles = table.to_pylist()
     assert len(tiles) == 24
     nodata = [t for t in tiles if t["status"] == "nodata"]
     assert len(nodata) == 1 and nodata[0]["row_off"] == 0 and nodata[0]["class_name"] is None

@@ -11,7 +11,8 @@ Outputs, in ``<output>/``:
   index (colour table, class names in the metadata), band 2 the confidence in percent;
   255 marks nodata in both.
 * ``tiles.parquet``: one row per tile: window, bounds in the scene CRS, class, probability, caption,
-  status (``ok``, ``nodata`` or ``error`` with the reason).
+  status (``ok``, ``nodata`` or ``error`` with the reason); the CRS and class names are in the
+  schema metadata.
 * ``preview.png``: the class map in colour with a legend.
 * ``summary.json``: counts, class histogram, timings.
 """
@@ -276,7 +277,11 @@ def _classify_scene(
                 if progress:
                     progress(len(rows), len(grid))
         _to_cog(work / "raw.tif", work / "class_map.tif")
-        pq.write_table(pa.Table.from_pylist([{**r, "scene": scene_uri} for r in rows], schema=TILE_SCHEMA), work / "tiles.parquet")
+        crs = reader.dataset.crs
+        schema = TILE_SCHEMA.with_metadata({
+            "crs": crs.to_string() if crs else "", "class_names": json.dumps(list(classnames)), "scene": scene_uri,
+        })
+        pq.write_table(pa.Table.from_pylist([{**r, "scene": scene_uri} for r in rows], schema=schema), work / "tiles.parquet")
         _preview(work / "class_map.tif", work / "preview.png", classnames, cfg, scene_uri)
 
         statuses = [r["status"] for r in rows]
