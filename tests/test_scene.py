@@ -217,3 +217,14 @@ def test_scene_on_s3_is_read_in_windows_and_outputs_go_to_s3(tmp_path, s3_server
         "class_map.tif", "preview.png", "summary.json", "tiles.parquet"]
     with fs.open(f"{bucket}/out/scene/class_map.tif") as f, rasterio.open(f) as out:
         assert out.crs.to_epsg() == 32632
+
+
+def test_nodata_from_the_config_when_the_file_declares_none(tmp_path):
+    level_scene(tmp_path / "scene.tif")
+    with rasterio.open(tmp_path / "scene.tif", "r+") as ds:
+        ds.nodata = None  # the zero block is now ordinary data ...
+    plain = classify_scene(str(tmp_path / "scene.tif"), str(tmp_path / "a"), by_level, list("abcd"), SceneConfig(tile_size=32))
+    assert plain.nodata == 0
+    declared = classify_scene(str(tmp_path / "scene.tif"), str(tmp_path / "b"), by_level, list("abcd"),
+                              SceneConfig(tile_size=32, nodata=0))  # ... unless the config says what nodata is
+    assert declared.nodata == 1 and declared.classified == 23

@@ -198,8 +198,8 @@ def run_nightly(
 ) -> NightlyReport:
     import ray.data
 
-    from bimors.pipelines.inference import load_predictor
     from bimors.pipelines.runtime import actor_pool, ensure_ray
+    from bimors.tracking import resolve_checkpoint
 
     started = time.perf_counter()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
@@ -218,7 +218,7 @@ def run_nightly(
     log.info("nightly: %d scenes listed, %d already processed, %d to classify", report.listed, report.skipped, len(todo))
 
     if todo:
-        load_predictor(cfg, model_uri, encoders=False)  # fail fast on a bad --model, before any actor starts
+        resolve_checkpoint(model_uri, cfg)  # fail fast on a bad --model, before any actor starts
         ensure_ray()
         stage = cfg.scene.classify
         items = [{"scene": s, "key": k, "output": storage.join(output_uri, k)} for s, k in todo]

@@ -147,12 +147,10 @@ class SceneReader:
                 self.dataset = rasterio.open(local)
         except storage.StorageError:
             raise
-        except (FileNotFoundError, PermissionError, OSError) as err:
-            if isinstance(err, RasterioError):
-                raise SceneError(f"{uri}: not a readable raster image ({_first_line(err)})") from None
-            raise storage.explain(uri, err) from None
-        except RasterioError as err:
+        except RasterioError as err:  # before OSError: GDAL's I/O errors are both
             raise SceneError(f"{uri}: not a readable raster image ({_first_line(err)})") from None
+        except OSError as err:
+            raise storage.explain(uri, err) from None
         ds = self.dataset
         limit = max_pixels or cfg.max_pixels
         if ds.width * ds.height > limit:
@@ -163,7 +161,7 @@ class SceneReader:
         except DecodeError as err:
             ds.close()
             raise SceneError(f"{uri}: {err}") from None
-        self.nodata = ds.nodata if ds.nodata is not None else cfg.nodata
+        self._selected = cfg.decode.model_copy(update={"bands": None})  # read() already picked the bands
         self.limits = self._scene_limits()
 
     def __enter__(self) -> "SceneReader":
@@ -194,14 +192,13 @@ class SceneReader:
 
     def rgb(self, values: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Bands of a window -> uint8 RGB, stretched with the scene's limits."""
-        selected_cfg = self.cfg.decode.model_copy(update={"bands": None})  # bands were selected when reading
-        return bands_to_rgb(values, selected_cfg, valid, limits=self.limits)
+        return bands_to_rgb(values, self._selected, valid, limits=self.limits)
 
     def _scene_limits(self) -> Limits | None:
         scale = min(1.0, self.cfg.stats_max_side / max(self.height, self.width))
         shape = (max(1, round(self.height * scale)), max(1, round(self.width * scale)))
         values, valid = self.read(out_shape=shape)
-        return stretch_limits(values, self.cfg.decode.model_copy(update={"bands": None}), valid)
+        return stretch_limits(values, self._selected, valid)
 
     def bounds(self, window: Window) -> tuple[float, float, float, float]:
         """(minx, miny, maxx, maxy) of a window in the scene CRS (pixel coordinates if it has none)."""
