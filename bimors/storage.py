@@ -12,14 +12,17 @@ object written, replaced or deleted by another process or client is seen at once
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from bimors.config import StorageConfig
@@ -213,44 +216,53 @@ def _read_umask() -> int:
 _NEW_FILE_MODE = 0o666 & ~_read_umask()
 
 
+def _replace_local(target: Path, fill: Callable[[BinaryIO], None]) -> None:
+    """Write a local file through a temporary beside it and rename it into place, so readers
+    never see half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fill(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        # mkstemp creates 0600 files; give the result the mode a plain open() would
+        os.chmod(tmp, target.stat().st_mode & 0o7777 if target.exists() else _NEW_FILE_MODE)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:
     """Write a whole object; local files are replaced atomically so readers never see half a file."""
     fs, path = filesystem(uri, cfg)
     try:
         if not is_remote(uri):
-            target = Path(path)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                # mkstemp creates 0600 files; give the result the mode a plain open() would
-                os.chmod(tmp, target.stat().st_mode & 0o7777 if target.exists() else _NEW_FILE_MODE)
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            return
-        fs.pipe_file(path, bytes(data))
+            _replace_local(Path(path), lambda handle: handle.write(data))
+        else:
+            fs.pipe_file(path, bytes(data))
     except Exception as err:  # noqa: BLE001
         raise _fail(uri, err, cfg) from err
 
 
+def write_parquet(uri: str, table: pa.Table, cfg: StorageConfig | None = None) -> None:
+    """One Parquet file (zstd), written whole like :func:`write_bytes`."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    write_bytes(uri, buffer.getvalue(), cfg)
+
+
 def put_file(local: str | Path, uri: str, cfg: StorageConfig | None = None) -> None:
-    """Copy a local file to ``uri`` without reading it into memory (outputs can be large).
-    Local targets are written beside and renamed, so readers never see half a file."""
-    if not is_remote(uri):
-        target = local_path(uri)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-        shutil.copyfile(local, partial)
-        os.replace(partial, target)
-        return
+    """Copy a local file to ``uri`` without reading it into memory (outputs can be large);
+    local targets are replaced atomically like :func:`write_bytes`."""
     fs, path = filesystem(uri, cfg)
     try:
-        fs.put_file(str(local), path)
+        if not is_remote(uri):
+            with open(local, "rb") as source:
+                _replace_local(Path(path), lambda handle: shutil.copyfileobj(source, handle))
+        else:
+            fs.put_file(str(local), path)
     except Exception as err:  # noqa: BLE001
         raise _fail(uri, err, cfg) from err
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from bimors.config import Config, load_config
+from bimors.config import load_config
 from bimors.data.catalog import DOMAIN_GENERALIZATION, get_dataset
 from bimors.data.splits import split_sizes
 from bimors.data.synthetic import generate_synthetic

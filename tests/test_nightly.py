@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bimors.data.synthetic_scene import write_synthetic_scene
-from bimors.pipelines.nightly import list_scenes, read_manifest, run_nightly, scene_key
+from bimors.pipelines.nightly import list_scenes, read_scene_manifest, run_nightly, scene_key
 from model_fixtures import SCENE_CLASSES
 
 pytestmark = pytest.mark.slow
@@ -55,13 +55,13 @@ def test_nightly_classifies_new_scenes_records_bad_ones_and_reruns_do_nothing(ra
     assert "broken.tif" in next(iter(first.failures)) and "not a readable raster" in next(iter(first.failures.values()))
     for key in ("a", "tile-2026/b"):
         assert {p.name for p in (out / key).iterdir()} == {"class_map.tif", "tiles.parquet", "preview.png", "summary.json"}
-    manifest = read_manifest(str(out), nightly_config).to_pylist()
+    manifest = read_scene_manifest(str(out), nightly_config).to_pylist()
     assert sorted((r["key"], r["status"]) for r in manifest) == [("a", "ok"), ("broken", "error"), ("tile-2026/b", "ok")]
     assert json.loads((out / "_runs" / f"{first.run_id}.json").read_text())["classified"] == 2
 
     again = run_nightly(nightly_config, str(tmp_path / "in"), str(out), str(learner_checkpoint))
     assert (again.listed, again.skipped, again.classified, again.failed) == (3, 3, 0, 0)
-    assert len(read_manifest(str(out), nightly_config)) == 3  # nothing new recorded
+    assert len(read_scene_manifest(str(out), nightly_config)) == 3  # nothing new recorded
 
     write_synthetic_scene(tmp_path / "in" / "c.tif", SCENE_CLASSES, (1, 1), block=64, bands=3, dtype="uint8")
     (out / "a" / "summary.json").unlink()  # a's manifest row still says it is done

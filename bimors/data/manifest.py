@@ -12,7 +12,6 @@ every Python process: it is a SHA-256 of a canonical string, never ``hash()``.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Iterable, Sequence
 
@@ -118,9 +117,7 @@ def classnames_of(table: pa.Table) -> list[str]:
 
 def write_manifest(table: pa.Table, uri: str, storage_cfg: StorageConfig | None = None) -> None:
     """Write one Parquet file (atomically on local disks, see :func:`bimors.storage.write_bytes`)."""
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    storage.write_bytes(uri, buffer.getvalue(), storage_cfg)
+    storage.write_parquet(uri, table, storage_cfg)
 
 
 def read_manifest(uri: str, storage_cfg: StorageConfig | None = None) -> pa.Table:

@@ -18,7 +18,6 @@ metadata so that the store reads back without Ray.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from typing import Any, Iterable, Sequence
@@ -154,9 +153,7 @@ class FeatureStore:
 
     def write_shard(self, kind: str, table: pa.Table) -> str:
         uri = self.path(kind, shard_name(table.column("tile_id").to_pylist()))
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
-        storage.write_bytes(uri, buffer.getvalue(), self.storage_cfg)
+        storage.write_parquet(uri, table, self.storage_cfg)
         return uri
 
     def features(self, columns: Sequence[str] | None = None, tile_ids: set[str] | None = None) -> pa.Table:

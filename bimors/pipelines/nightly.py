@@ -133,7 +133,7 @@ def scene_key(scene_uri: str, input_uri: str) -> str:
     return stem
 
 
-def read_manifest(output_uri: str, cfg: Config) -> pa.Table:
+def read_scene_manifest(output_uri: str, cfg: Config) -> pa.Table:
     fs, base = storage.filesystem(output_uri, cfg.storage)
     folder = posixpath.join(base, MANIFEST)
     try:
@@ -208,7 +208,7 @@ def run_nightly(
     scenes = list_scenes(input_uri, cfg, stac)
     report.listed = len(scenes)
 
-    manifest = read_manifest(output_uri, cfg)
+    manifest = read_scene_manifest(output_uri, cfg)
     done = finished_keys(output_uri, cfg)
     for row in manifest.to_pylist():
         if row["status"] == "ok" or not retry_failed:
@@ -254,8 +254,5 @@ def run_nightly(
 
 
 def _write_manifest(output_uri: str, run_id: str, rows: Sequence[dict[str, Any]], cfg: Config) -> None:
-    import io
-
-    sink = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(list(rows), schema=MANIFEST_SCHEMA), sink)
-    storage.write_bytes(storage.join(output_uri, MANIFEST, f"{run_id}.parquet"), sink.getvalue(), cfg.storage)
+    table = pa.Table.from_pylist(list(rows), schema=MANIFEST_SCHEMA)
+    storage.write_parquet(storage.join(output_uri, MANIFEST, f"{run_id}.parquet"), table, cfg.storage)

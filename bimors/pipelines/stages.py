@@ -95,12 +95,10 @@ class CaptionStage:
     """BLIP-2 caption + BERT caption embedding, one model pair per actor."""
 
     def __init__(self, cfg: Config):
-        from bimors.models.caption_encoder import CaptionEncoder
-        from bimors.models.captioner import Captioner
+        from bimors.pipelines.inference import CaptionModels
 
-        device = pick_device(cfg.featurize.caption.num_gpus)
-        self.captioner = Captioner.load(cfg.model.captioner, cfg.storage, device)
-        self.encoder = CaptionEncoder.load(cfg.model.caption_encoder, cfg.storage, device)
+        models = CaptionModels(cfg, pick_device(cfg.featurize.caption.num_gpus))
+        self.captioner, self.encoder = models.captioner, models.encoder
 
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["tile_id"])

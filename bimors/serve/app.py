@@ -21,6 +21,7 @@ at runtime, through Serve's class wrapper, and needs real types rather than stri
 
 
 import asyncio
+import functools
 import json
 import logging
 import secrets
@@ -30,7 +31,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -187,12 +188,11 @@ class BimorsAPI:
         probs = await self.classifier.classify.remote((image, embedding))
         return probs, caption
 
-    def _classify_batch(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[str]]:
+    def _classify_batch(self, images: list[np.ndarray], needs_captions: bool) -> tuple[np.ndarray, list[str]]:
         """The scene path's ``classify``: runs in a job thread, fans tiles out to the deployments."""
-        info = self._info or self.classifier.info.remote().result()
         captions = [""] * len(images)
         embeddings: list[Any] = [None] * len(images)
-        if info["needs_captions"]:
+        if needs_captions:
             captioned = [self.captioner.caption.remote(image) for image in images]
             captions, embeddings = map(list, zip(*(c.result() for c in captioned)))
         probs = [self.classifier.classify.remote((image, emb)) for image, emb in zip(images, embeddings)]
@@ -207,8 +207,9 @@ class BimorsAPI:
         try:
             info = self._info or self.classifier.info.remote().result()
             self._write_status(job_dir, {**status, "state": "running"})
+            classify = functools.partial(self._classify_batch, needs_captions=info["needs_captions"])
             result = classify_scene(
-                url, storage.join(job_dir, "output"), self._classify_batch, info["classes"], self.cfg.scene,
+                url, storage.join(job_dir, "output"), classify, info["classes"], self.cfg.scene,
                 self.cfg.storage, max_pixels=self.cfg.serve.max_scene_pixels, progress=progress,
             )
             self._write_status(job_dir, {

@@ -11,12 +11,7 @@ import torch
 from ray import serve
 
 from bimors.config import Config
-
-
-def _device(num_gpus: float) -> torch.device:
-    from bimors.pipelines.stages import pick_device
-
-    return pick_device(num_gpus)
+from bimors.pipelines.stages import pick_device
 
 
 @serve.deployment(name="Captioner")
@@ -26,7 +21,7 @@ class CaptionerDeployment:
     def __init__(self, cfg: Config):
         from bimors.pipelines.inference import CaptionModels
 
-        self.models = CaptionModels(cfg, _device(cfg.serve.captioner.num_gpus))
+        self.models = CaptionModels(cfg, pick_device(cfg.serve.captioner.num_gpus))
         self.caption.set_max_batch_size(cfg.serve.captioner.max_batch_size)
         self.caption.set_batch_wait_timeout_s(cfg.serve.captioner.batch_wait_timeout_s)
 
@@ -44,7 +39,7 @@ class ClassifierDeployment:
         from bimors.pipelines.inference import load_predictor
         from bimors.tracking import registry_version
 
-        self.predictor = load_predictor(cfg, model_uri, _device(cfg.serve.classifier.num_gpus), encoders=False)
+        self.predictor = load_predictor(cfg, model_uri, pick_device(cfg.serve.classifier.num_gpus), encoders=False)
         backbone = self.predictor.classifier.backbone.identity
         self._info = {
             "model": model_uri,
