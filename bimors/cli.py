@@ -4,44 +4,28 @@ turning a user's mistake into one line on stderr and a non-zero exit status (not
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Callable, NoReturn, Sequence
 
-from bimors.config import Config, ConfigError, load_config
+from bimors import console
+from bimors.config import Config, load_config
+from bimors.errors import user_error_in
 
 #: Exit status for errors the user can fix (bad config, missing data, unreachable storage, ...).
 USAGE_ERROR = 2
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions whose message is meant for the user; anything else is a bug and keeps its traceback."""
-    from bimors.data.catalog import DatasetError
-    from bimors.data.decode import DecodeError
-    from bimors.models.checkpoint import CheckpointMismatchError
-    from bimors.models.sources import ModelUnavailableError
-    from bimors.pipelines.feature_store import StoreMismatchError
-    from bimors.pipelines.scene import SceneError
-    from bimors.storage import StorageError
-    from bimors.tracking import TrackingError
+class _Parser(argparse.ArgumentParser):
+    """argparse with the workflows' error contract: one ``error:`` line (pointing at --help), exit 2."""
 
-    return (
-        ConfigError,
-        StorageError,
-        DatasetError,
-        DecodeError,
-        ModelUnavailableError,
-        CheckpointMismatchError,
-        StoreMismatchError,
-        SceneError,
-        TrackingError,
-        FileNotFoundError,
-    )
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"error: {message} (see {self.prog} --help)\n")
 
 
 def parser(description: str | None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config (see configs/quickstart.yaml, configs/paper.yaml)")
     p.add_argument(
         "overrides",
@@ -49,31 +33,34 @@ def parser(description: str | None) -> argparse.ArgumentParser:
         metavar="key=value",
         help="config overrides in dotted form, e.g. optim.lr=0.01 model.learner.method=coop",
     )
-    p.add_argument("--verbose", action="store_true", help="debug logging")
+    p.add_argument("--verbose", action="store_true",
+                   help="show everything on the console (debug logging, Ray's and the workers' output); "
+                   "otherwise it goes to a log file under ~/.cache/bimors/logs (BIMORS_LOG_DIR)")
     return p
 
 
 def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Config]:
-    args = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("urllib3", "botocore", "s3fs", "fsspec", "filelock", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """Arguments and the validated config; logging goes to a log file from here on (see
+    :mod:`bimors.console`), so the console shows progress and results only."""
+    args = p.parse_intermixed_args(argv)  # overrides may stand before, between or after the flags
+    script = Path(sys.argv[0]).stem if argv is None and sys.argv and sys.argv[0] else "bimors"
+    console.setup(script, verbose=args.verbose)
     return args, load_config(args.config, args.overrides)
 
 
 def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Call ``main``; a user error becomes ``error: <one line>`` and exit status 2."""
+    """Call ``main``; a user error (:class:`~bimors.errors.BimorsError`, also when Ray wrapped it)
+    becomes ``error: <one line>`` and exit status 2; anything else is a bug and keeps its traceback."""
     try:
         return main(argv)
-    except user_errors() as err:
-        if os.environ.get("BIMORS_DEBUG"):
-            raise
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
-        return USAGE_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - only user errors are caught; bugs are re-raised
+        mistake = user_error_in(err)
+        if mistake is None or os.environ.get("BIMORS_DEBUG"):
+            if console.log_file() is not None:
+                print(f"(details in {console.log_file()})", file=sys.stderr)
+            raise
+        print("error: " + " ".join(str(mistake).split()), file=sys.stderr)
+        return USAGE_ERROR

@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from bimors.errors import BimorsError
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 Method = Literal["zeroshot", "coop", "cocoop", "bimors"]
 
 
-class ConfigError(ValueError):
+class ConfigError(BimorsError, ValueError):
     """A configuration file or override is malformed; the message names the offending key."""
 
 
@@ -168,7 +170,8 @@ class DataConfig(Section):
     subsample: Literal["all", "base", "new"] = "all"
     decode: DecodeConfig = DecodeConfig()
     generate_synthetic: bool = Field(
-        False, description="write the synthetic dataset (data.synthetic) at data.root first, if it is not there"
+        False, description="write the synthetic dataset (data.synthetic) at data.root first, if it is not there; "
+        "never into a folder given with --data"
     )
     synthetic: SyntheticConfig = SyntheticConfig()
 
@@ -347,11 +350,27 @@ class ServeConfig(Section):
     max_upload_bytes: int = Field(32 * 2**20, gt=0, description="larger request bodies get 413")
     max_scene_pixels: int = Field(400_000_000, gt=0, description="larger scenes get 413")
     top_k: int = Field(5, ge=1)
+    scene_sources: list[str] = Field(
+        default_factory=list,
+        description="URI prefixes that scene URLs in requests may come from (`s3://bucket/prefix/`, "
+        "`https://host/path/`, an absolute local folder); anything else gets 403. Empty: uploads only",
+    )
+    startup_timeout_s: float = Field(
+        120.0, gt=0, description="how long `workflows/serve.py` waits for every deployment to be running before "
+        "it gives up and says which one the cluster cannot place"
+    )
     output: str = Field("outputs/serve", description="where scene jobs write their outputs and status")
     scene_jobs: int = Field(2, ge=1, description="scenes one ingress replica classifies at a time")
     ingress: ReplicasConfig = ReplicasConfig(num_cpus=0.5)
     captioner: BatchedReplicasConfig = BatchedReplicasConfig()
     classifier: BatchedReplicasConfig = BatchedReplicasConfig(max_batch_size=32)
+
+    @field_validator("scene_sources")
+    @classmethod
+    def _valid_sources(cls, prefixes: list[str]) -> list[str]:
+        from bimors.serve.scene_sources import validate_prefix
+
+        return [validate_prefix(p) for p in prefixes]
 
     def token(self) -> str | None:
         """The configured token, else ``BIMORS_API_TOKEN`` (how a Kubernetes secret reaches a pod)."""

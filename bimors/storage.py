@@ -26,9 +26,10 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
 from bimors.config import StorageConfig
+from bimors.errors import BimorsError
 
 
-class StorageError(OSError):
+class StorageError(BimorsError, OSError):
     """A URI could not be read or written; the message says which and why."""
 
 
@@ -50,7 +51,9 @@ def is_remote(uri: str) -> bool:
 
 
 def local_path(uri: str) -> Path:
-    """Local path of a local URI (plain path, ``~``, ``file:///abs`` or ``file:/abs``)."""
+    """Local path of a local URI (plain path, ``~``, ``file:///abs`` or ``file:/abs``); a malformed
+    remote URI (``s3:/bucket``) is an error here rather than a local folder of that name."""
+    _check_uri(uri)
     if uri.startswith("file://"):
         uri = uri[len("file://") :]
     elif uri.startswith("file:/"):

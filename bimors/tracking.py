@@ -28,6 +28,7 @@ from pydantic import BaseModel, SecretStr
 
 from bimors import storage
 from bimors.config import Config, TrackingConfig, flatten
+from bimors.errors import BimorsError
 from bimors.models.checkpoint import META
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -40,7 +41,7 @@ _MAX_PARAMS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
 
 
-class TrackingError(RuntimeError):
+class TrackingError(BimorsError, RuntimeError):
     """A tracking or registry lookup failed; the message names the URI and what is missing."""
 
 

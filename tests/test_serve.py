@@ -4,6 +4,7 @@ auth, tiles, scenes (URL and upload, with polling), every bad input, and a bound
 from __future__ import annotations
 
 import io
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,16 +31,32 @@ def png(image: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def app(ray_cluster, tiny_config, learner_checkpoint, tmp_path_factory):
+def scene_dir(tmp_path_factory) -> Path:
+    """The one local folder the test endpoint may open scenes from (serve.scene_sources)."""
+    return tmp_path_factory.mktemp("allowed-scenes")
+
+
+@pytest.fixture(scope="module")
+def scene_bucket(s3_server) -> str:
+    """A bucket whose ``acquisitions/`` prefix the test endpoint may open scenes from."""
+    return s3_server.create_bucket("scenes")
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, tiny_config, learner_checkpoint, tmp_path_factory, scene_dir, scene_bucket, s3_server):
     from ray import serve
 
     from bimors.serve.app import compose
+    from s3_server import FAKE_KEY, FAKE_SECRET, REGION
 
     out = tmp_path_factory.mktemp("serve")
     small = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.25}
     cfg = tiny_config.model_validate(tiny_config.model_dump() | {
         "scene": tiny_config.scene.model_dump() | {"tile_size": 64, "batch_size": 8},
+        "storage": tiny_config.storage.model_dump() | {"endpoint_url": s3_server.endpoint_url, "region": REGION,
+                                                      "key": FAKE_KEY, "secret": FAKE_SECRET},
         "serve": {"api_token": TOKEN, "max_upload_bytes": 200_000, "max_scene_pixels": 300 * 300, "output": str(out),
+                  "scene_sources": [str(scene_dir), f"s3://{scene_bucket}/acquisitions/"],
                   "ingress": small, "captioner": small | {"max_batch_size": 8}, "classifier": small | {"max_batch_size": 16}},
     })
     port = free_port()
@@ -118,8 +135,9 @@ def wait_for(client: httpx.Client, job: dict, timeout: float = 180) -> dict:
     raise AssertionError(f"job {job['job_id']} did not finish: {status}")
 
 
-def test_scene_by_url_and_by_upload(app, tmp_path):
+def test_scene_by_url_and_by_upload(app, scene_dir):
     client, _, out = app
+    tmp_path = scene_dir
     write_synthetic_scene(tmp_path / "scene.tif", SCENE_CLASSES, (2, 3), block=64, nodata_blocks=[(0, 0)])
     submitted = client.post("/classify/scene", json={"url": str(tmp_path / "scene.tif")})
     assert submitted.status_code == 202 and submitted.headers["location"] == f"/jobs/{submitted.json()['job_id']}"
@@ -137,8 +155,9 @@ def test_scene_by_url_and_by_upload(app, tmp_path):
     assert done["outputs"]["tiles"].startswith(str(out))
 
 
-def test_bad_scenes_get_4xx_and_unknown_jobs_404(app, tmp_path):
+def test_bad_scenes_get_4xx_and_unknown_jobs_404(app, scene_dir):
     client, _, _ = app
+    tmp_path = scene_dir
     missing = client.post("/classify/scene", json={"url": str(tmp_path / "nowhere.tif")})
     assert missing.status_code == 400 and "nowhere.tif" in missing.json()["detail"]
     bad_uri = client.post("/classify/scene", json={"url": "s3://"})
@@ -154,6 +173,77 @@ def test_bad_scenes_get_4xx_and_unknown_jobs_404(app, tmp_path):
     assert client.get("/jobs/0123456789abcdef").status_code == 404
     assert client.get("/jobs/..%2F..%2Fetc").status_code == 404
     assert client.get("/health").status_code == 200  # and the replica is still fine
+
+
+class Listener:
+    """A TCP listener on loopback that records every connection made to it (and answers nothing)."""
+
+    def __init__(self):
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self):
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+def test_scene_urls_outside_the_allow_list_are_refused_with_403_and_never_opened(app, scene_dir, tmp_path, s3_server,
+                                                                                 scene_bucket):
+    client, _, _ = app
+    private = tmp_path / "private.tif"  # a real, readable scene outside the allowed folder
+    write_synthetic_scene(private, SCENE_CLASSES, (1, 1), block=64)
+    (scene_dir / "escape.tif").symlink_to(private)
+    other_bucket = s3_server.create_bucket("private")
+    s3_server.put(other_bucket, "acquisitions/scene.tif", private.read_bytes())
+    s3_server.put(scene_bucket, "elsewhere/scene.tif", private.read_bytes())
+    listener = Listener()
+    try:
+        urls = [
+            "/etc/passwd", "file:///etc/passwd", "/no/such/file.tif", str(private), f"file://{private}",
+            f"{scene_dir}/{os.path.relpath(private, scene_dir)}",  # .. traversal out of the allowed folder
+            str(scene_dir / "escape.tif"),  # a symlink out of the allowed folder
+            f"http://127.0.0.1:{listener.port}/scene.tif", f"https://127.0.0.1:{listener.port}/scene.tif",
+            "http://169.254.169.254/latest/meta-data/",
+            f"s3://{other_bucket}/acquisitions/scene.tif", f"s3://{scene_bucket}/elsewhere/scene.tif",
+            f"s3://{scene_bucket}/acquisitions/../elsewhere/scene.tif",
+        ]
+        answers = [client.post("/classify/scene", json={"url": url}) for url in urls]
+    finally:
+        listener.close()
+    assert [a.status_code for a in answers] == [403] * len(urls)
+    # one body for every refusal: nothing tells a caller whether a server path or object exists
+    assert len({a.text for a in answers}) == 1 and "scene_sources" in answers[0].json()["detail"]
+    assert listener.connections == 0  # the server never fetched from the loopback address
+
+
+def test_scenes_under_an_allowed_bucket_prefix_are_classified(app, scene_dir, s3_server, scene_bucket):
+    client, _, _ = app
+    write_synthetic_scene(scene_dir / "for-s3.tif", SCENE_CLASSES, (1, 2), block=64)
+    s3_server.put(scene_bucket, "acquisitions/2026-11-30/scene.tif", (scene_dir / "for-s3.tif").read_bytes())
+    submitted = client.post("/classify/scene", json={"url": f"s3://{scene_bucket}/acquisitions/2026-11-30/scene.tif"})
+    assert submitted.status_code == 202, submitted.text
+    done = wait_for(client, submitted.json())
+    assert done["state"] == "done" and done["classified"] == 2, done
 
 
 def test_bounded_load_completes_without_5xx(app):

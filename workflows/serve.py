@@ -22,25 +22,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="models:/name@alias, runs:/<id>/model, or a checkpoint URI")
     args, cfg = parse(p, argv)
 
-    import time
+    from bimors.serve.launch import deploy, serve_until_interrupted
 
-    from ray import serve
-
-    from bimors.pipelines.runtime import ensure_ray
-    from bimors.serve.app import compose
-    from bimors.tracking import resolve_checkpoint
-
-    resolve_checkpoint(args.model, cfg)  # a bad --model fails here, with its reason, not in a replica
-    ensure_ray()
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(compose(cfg, args.model), name="bimors", route_prefix="/")
+    url = deploy(cfg, args.model)
     auth = "bearer token required" if cfg.serve.token() else "no auth (set serve.api_token or BIMORS_API_TOKEN)"
-    print(f"serving {args.model} on http://{cfg.serve.host}:{cfg.serve.port} ({auth}); Ctrl-C stops", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+    sources = ", ".join(cfg.serve.scene_sources) or "none: uploads only (serve.scene_sources)"
+    print(f"serving {args.model} on {url} ({auth}; scene URLs from {sources}); Ctrl-C stops", flush=True)
+    serve_until_interrupted()
     return 0
 
 

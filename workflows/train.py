@@ -23,10 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--output", default="outputs", help="where the feature store and runs go (path or s3://...)")
     args, cfg = parse(p, argv)
 
-    from bimors.pipelines.experiment import prepare_store, run_experiment
+    from bimors.pipelines.experiment import train_and_evaluate
 
-    store = prepare_store(cfg, args.output, args.data)
-    report = run_experiment(cfg, store, args.output)
+    report = train_and_evaluate(cfg, args.output, args.data)
     print(report.table())
     print(f"checkpoint: {report.checkpoint}")
     if report.mlflow_location:

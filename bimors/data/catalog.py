@@ -17,8 +17,10 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from bimors.errors import BimorsError
 
-class DatasetError(ValueError):
+
+class DatasetError(BimorsError, ValueError):
     """A dataset name, root or split file is unusable; the message names it and says why."""
 
 

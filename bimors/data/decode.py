@@ -28,6 +28,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import MemoryFile
 
 from bimors.config import DecodeConfig
+from bimors.errors import BimorsError
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _STATS_SAMPLE = 1_000_000  # percentiles of more pixels than this use a strided sample
@@ -44,7 +45,7 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
 
 
-class DecodeError(ValueError):
+class DecodeError(BimorsError, ValueError):
     """The bytes are not an image this module can turn into RGB; the message says what was wrong."""
 
 

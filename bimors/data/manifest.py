@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from bimors import storage
 from bimors.config import DataConfig, StorageConfig
+from bimors.data.catalog import DatasetError
 from bimors.data.splits import DatasetListing, TileRecord, read_dataset
 
 MANIFEST_SCHEMA = pa.schema(
@@ -111,7 +112,7 @@ def classnames_of(table: pa.Table) -> list[str]:
         by_label.setdefault(int(label), name)
     missing = [i for i in range(max(by_label, default=-1) + 1) if i not in by_label]
     if missing:
-        raise ValueError(f"manifest has no class-name metadata and no rows for labels {missing[:10]}")
+        raise DatasetError(f"manifest has no class-name metadata and no rows for labels {missing[:10]}")
     return [by_label[i] for i in range(len(by_label))]
 
 
@@ -125,8 +126,9 @@ def read_manifest(uri: str, storage_cfg: StorageConfig | None = None) -> pa.Tabl
     try:
         table = pq.read_table(pa.BufferReader(data))
     except (pa.ArrowInvalid, OSError) as err:
-        raise ValueError(f"{uri} is not a readable Parquet manifest: {err}") from None
+        raise DatasetError(f"{uri} is not a readable Parquet manifest: {err}") from None
     missing = [name for name in MANIFEST_SCHEMA.names if name not in table.column_names]
     if missing:
-        raise ValueError(f"{uri} is not a manifest: missing column(s) {', '.join(missing)}")
+        raise DatasetError(f"{uri} is not a manifest: missing column(s) {', '.join(missing)} "
+                           f"(a manifest has {', '.join(MANIFEST_SCHEMA.names)})")
     return table

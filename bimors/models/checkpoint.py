@@ -16,6 +16,7 @@ from safetensors.torch import save as save_safetensors
 
 from bimors import storage
 from bimors.config import LearnerConfig, StorageConfig
+from bimors.errors import BimorsError
 from bimors.models.clip_backbone import FrozenCLIP
 from bimors.models.learners import LEARNERS, LearnerDims, PromptLearner
 
@@ -25,7 +26,7 @@ WEIGHTS = "learner.safetensors"
 META = "learner.json"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(BimorsError, ValueError):
     """The checkpoint was trained for another backbone or other classes."""
 
 

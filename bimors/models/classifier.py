@@ -12,23 +12,44 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from bimors.config import LearnerConfig
-from bimors.models.clip_backbone import FrozenCLIP
+from bimors.config import Config, ConfigError, LearnerConfig
+from bimors.errors import BimorsError
+from bimors.models.clip_backbone import FrozenCLIP, context_token_count_for
 from bimors.models.learners import LEARNERS, LearnerDims, PromptLearner
 from bimors.models.prompts import ClassPrompts, context_init_vectors, context_token_count
 
 
+def check_context(cfg: LearnerConfig, init_tokens: int | None) -> None:
+    """``ctx_init`` (``init_tokens`` tokens long) must fill exactly ``n_ctx`` context slots, and
+    zero-shot CLIP needs it; a :class:`ConfigError` otherwise."""
+    if cfg.ctx_init and init_tokens != cfg.n_ctx:
+        raise ConfigError(
+            f"model.learner.ctx_init {cfg.ctx_init!r} is {init_tokens} tokens but model.learner.n_ctx is {cfg.n_ctx}; "
+            "make them agree (or set ctx_init to null for random init)"
+        )
+    if not cfg.ctx_init and cfg.method == "zeroshot":
+        raise ConfigError("zero-shot CLIP needs model.learner.ctx_init (e.g. 'a photo of a')")
+
+
+def check_learner_config(cfg: Config, methods: Sequence[str] | None = None) -> None:
+    """The learner settings checked against the backbone's tokenizer, without loading any weights:
+    called by the workflows before Ray work starts, so a mismatch costs seconds, not a featurize run."""
+    learner = cfg.model.learner
+    tokens = None
+    if learner.ctx_init:
+        try:
+            tokens = context_token_count_for(cfg.model.backbone, cfg.storage, learner.ctx_init)
+        except BimorsError:
+            raise
+        except Exception:  # noqa: BLE001 - e.g. a hub tokenizer offline: loading the backbone will say why
+            return
+    for method in methods or [learner.method]:
+        check_context(learner.model_copy(update={"method": method}), tokens)
+
+
 def learner_dims(cfg: LearnerConfig, backbone: FrozenCLIP, caption_dim: int) -> LearnerDims:
     n_ctx = cfg.n_ctx
-    if cfg.ctx_init:
-        n_init = context_token_count(backbone, cfg.ctx_init)
-        if n_init != cfg.n_ctx:
-            raise ValueError(
-                f"model.learner.ctx_init {cfg.ctx_init!r} is {n_init} tokens but model.learner.n_ctx is {cfg.n_ctx}; "
-                "make them agree (or set ctx_init to null for random init)"
-            )
-    elif cfg.method == "zeroshot":
-        raise ValueError("zero-shot CLIP needs model.learner.ctx_init (e.g. 'a photo of a')")
+    check_context(cfg, context_token_count(backbone, cfg.ctx_init) if cfg.ctx_init else None)
     return LearnerDims(
         n_ctx=n_ctx,
         ctx_dim=backbone.ctx_dim,

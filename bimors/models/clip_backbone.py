@@ -89,6 +89,16 @@ def _open_clip_source(cfg: BackboneConfig, storage_cfg: StorageConfig | None) ->
     return cfg.name, pretrained
 
 
+def context_token_count_for(cfg: BackboneConfig, storage_cfg: StorageConfig | None, text: str) -> int:
+    """How many tokens ``text`` takes between SOS and EOT in the backbone's tokenizer, read without
+    loading the weights (what :func:`bimors.models.prompts.context_token_count` gives once loaded)."""
+    name, _ = _open_clip_source(cfg, storage_cfg)
+    tokenizer = open_clip.get_tokenizer(name)
+    ids = tokenizer([text])[0]
+    eot = getattr(tokenizer, "eot_token_id", None)
+    return int((ids == eot).int().argmax() if eot is not None else ids.argmax()) - 1
+
+
 def _fingerprint(model: nn.Module) -> str:
     """A short hash of a few small weight tensors: identifies the weights wherever they were loaded from."""
     digest = hashlib.sha256()

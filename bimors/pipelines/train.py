@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from bimors import storage
 from bimors.config import Config
+from bimors.console import Progress
 from bimors.models.checkpoint import load_learner, save_learner
 from bimors.models.classifier import PromptClassifier, build_learner
 from bimors.models.clip_backbone import FrozenCLIP
@@ -186,7 +188,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         lr = learning_rate(cfg.optim, epoch)
         set_learning_rate(optimizer, lr)
         classifier.train()
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+        totals = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, count, images encoded in the loop
         for step, batch in enumerate(epoch_batches(len(train_rows), cfg.optim.batch_size, cfg.seed, epoch)):
             mine = torch.from_numpy(batch[rank * local : (rank + 1) * local])
             feats = train_feats.take(mine)
@@ -194,6 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 seed = int(np.random.SeedSequence([cfg.seed, epoch, step, rank]).generate_state(1)[0])
                 image = _online_features(backbone, [uris[i] for i in mine.tolist()], cfg, torch.Generator().manual_seed(seed))
                 feats = Features(image.image_emb, image.visual_tokens, feats.caption_emb)
+                totals[3] += image.image_emb.shape[0]
             feats = feats.to(device)
             labels = train_labels[mine].to(device)
             with autocast:
@@ -207,7 +210,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             else:
                 loss.backward()
                 optimizer.step()
-            totals += torch.tensor([loss.item() * len(mine), (logits.argmax(-1) == labels).sum().item(), len(mine)], dtype=torch.float64)
+            totals[:3] += torch.tensor([loss.item() * len(mine), (logits.argmax(-1) == labels).sum().item(), len(mine)], dtype=torch.float64)
         if world > 1:
             torch.distributed.all_reduce(totals)
         metrics = {
@@ -216,6 +219,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "lr": lr,
             "loss": float(totals[0] / totals[2]),
             "train_acc": float(totals[1] / totals[2]),
+            # tiles decoded, augmented and run through the frozen image encoder in this epoch, all
+            # workers together: every training tile with features=online, 0 with cached features
+            "encoded_images": int(totals[3]),
         }
         if rank == 0 and len(val_rows):
             predictions = Predictor(classifier).probabilities(val_feats, cfg.train.eval_batch_size).argmax(-1)
@@ -229,8 +235,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 save_training_checkpoint(Path(tmp), learner, optimizer, state, classnames, backbone, cfg)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            _show_progress(config.get("progress"), metrics)
         else:
             ray.train.report(metrics)
+
+
+def _show_progress(queue, metrics: dict[str, Any]) -> None:
+    """Hand an epoch's metrics to the driver's progress display; a display gone away is no error."""
+    if queue is None:
+        return
+    try:
+        queue.put_nowait(metrics)
+    except Exception:  # noqa: BLE001
+        log.debug("progress queue unavailable", exc_info=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -248,6 +265,7 @@ def fit(cfg: Config, data: ProtocolData, runs_uri: str, run_name: str, mlflow: t
     ensure_ray()
     filesystem, path = storage.pyarrow_filesystem(runs_uri, cfg.storage)
     resources = {"CPU": cfg.train.cpus_per_worker} | ({"GPU": 1} if cfg.train.use_gpu else {})
+    progress = _EpochProgress(cfg.optim.epochs)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -256,6 +274,7 @@ def fit(cfg: Config, data: ProtocolData, runs_uri: str, run_name: str, mlflow: t
             "caption_dim": data.caption_dim,
             "mlflow_uri": mlflow[0] if mlflow else None,
             "mlflow_run_id": mlflow[1] if mlflow else None,
+            "progress": progress.queue,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.workers, use_gpu=cfg.train.use_gpu, resources_per_worker=resources
@@ -273,10 +292,59 @@ def fit(cfg: Config, data: ProtocolData, runs_uri: str, run_name: str, mlflow: t
         datasets={name: _quiet_dataset(data.splits[name]) for name in ("train", "val")},
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
-    result = trainer.fit()
+    with progress:
+        result = trainer.fit()
     # the last checkpoint holds the whole history; the best one only up to its epoch
     last = json.loads(storage.read_bytes(storage.join(_as_uri(result.checkpoint), TRAIN_STATE), cfg.storage))["state"]
     return FitResult(run_name, _best_checkpoint(result), last["history"], data.classnames, last["resumed_at"])
+
+
+class _EpochProgress:
+    """Per-epoch progress on the driver's console while ``trainer.fit()`` blocks: rank 0 puts each
+    epoch's metrics into a Ray queue (an actor that takes no CPU), a thread here shows them."""
+
+    def __init__(self, epochs: int):
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.progress = Progress("train", epochs, "epochs")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, name="epoch-progress", daemon=True)
+
+    def __enter__(self) -> "_EpochProgress":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._show_waiting()
+        self.progress.close()
+        self.queue.shutdown()
+
+    def _drain(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self._stop.is_set():
+            try:
+                self._show(self.queue.get(timeout=0.5))
+            except Empty:
+                continue
+            except Exception:  # noqa: BLE001 - progress is a nicety; never fail the run over it
+                return
+
+    def _show_waiting(self) -> None:
+        try:
+            while not self.queue.empty():
+                self._show(self.queue.get_nowait())
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _show(self, metrics: dict[str, Any]) -> None:
+        note = f"loss {metrics['loss']:.3f}, train acc {100 * metrics['train_acc']:.1f}%"
+        if "val_acc" in metrics:
+            note += f", val acc {100 * metrics['val_acc']:.1f}%"
+        self.progress.update(max(0, int(metrics["epoch"]) + 1 - self.progress.done), note)
 
 
 def _quiet_dataset(table: pa.Table):

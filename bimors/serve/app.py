@@ -5,7 +5,8 @@ Routes (all but ``/health`` need ``Authorization: Bearer <token>`` when a token 
 * ``GET  /health``                      liveness/readiness
 * ``GET  /model``                       classes, backbone, method, MLflow version
 * ``POST /classify/tile?top_k=5``       body: image bytes -> top-k classes with probabilities + caption
-* ``POST /classify/scene``              body: JSON ``{"url": "s3://..."}`` or scene bytes -> a job id
+* ``POST /classify/scene``              body: JSON ``{"url": "s3://..."}`` or scene bytes -> a job id;
+                                        URLs only under ``serve.scene_sources`` (else 403)
 * ``GET  /jobs/{job_id}``               the job's state, progress and, when done, its outputs
 
 Scene jobs run in a thread pool on the ingress replica and send their tiles through the same two
@@ -41,6 +42,7 @@ from bimors.config import Config, load_config
 from bimors.data.decode import DecodeError, ImageTooLargeError
 from bimors.data.tiles import tile_from_bytes
 from bimors.serve.deployments import CaptionerDeployment, ClassifierDeployment
+from bimors.serve.scene_sources import SceneSources, SceneSourceRefused
 
 log = logging.getLogger(__name__)
 api = FastAPI(title="bimors", description="BiMoRS remote-sensing scene classification")
@@ -81,6 +83,7 @@ class BimorsAPI:
     def __init__(self, cfg: Config, captioner: DeploymentHandle, classifier: DeploymentHandle):
         self.cfg = cfg
         self.token = cfg.serve.token()
+        self.sources = SceneSources(cfg.serve.scene_sources)
         self.captioner = captioner
         self.classifier = classifier
         self.jobs = ThreadPoolExecutor(max_workers=cfg.serve.scene_jobs, thread_name_prefix="scene-job")
@@ -144,6 +147,10 @@ class BimorsAPI:
                 url = str(json.loads(await read_body(request, 64 * 1024))["url"])
             except (ValueError, KeyError, TypeError):
                 raise HTTPException(status_code=400, detail='expected JSON {"url": "<scene URI>"}') from None
+            try:
+                url = self.sources.check(url)
+            except SceneSourceRefused as err:
+                raise HTTPException(status_code=403, detail=str(err)) from None
         else:
             body = await read_body(request, self.cfg.serve.max_upload_bytes)
             suffix = _SCENE_SUFFIX.get(body[:4], ".jpg" if body[:3] == b"\xff\xd8\xff" else None)
@@ -234,6 +241,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         overrides = overrides.split()
     cfg = load_config(args.get("config"), overrides)
     return compose(cfg, str(args["model"]))
+
+
+#: Deployment name -> its section under ``serve`` in the config (replicas and resources).
+DEPLOYMENT_CONFIG_KEYS = {"BimorsAPI": "ingress", "Captioner": "captioner", "Classifier": "classifier"}
 
 
 def compose(cfg: Config, model_uri: str) -> serve.Application:
