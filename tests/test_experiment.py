@@ -85,14 +85,28 @@ def test_train_workflow_records_the_run_in_mlflow(tmp_path, model_dir, mlflow_se
 
 
 def test_train_workflow_through_ray_job_submit(tmp_path, model_dir):
-    """`ray job submit --working-dir . -- python workflows/train.py` against a `ray start --head` cluster."""
+    """`ray job submit --working-dir . -- python workflows/train.py` against a `ray start --head`
+    cluster with token authentication, exactly as the README's "Commands" shows it: the token from
+    `ray get-auth-token --generate` in ~/.ray/auth_token, `export RAY_AUTH_MODE=token`, then the
+    head and the submitter. A submitter without the token is refused."""
     ray_bin = Path(sys.executable).parent / "ray"
     port, dashboard = _free_port(), _free_port()
     temp_dir = Path(f"/tmp/rj-{secrets.token_hex(3)}")  # Ray's socket paths must stay under 108 bytes
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    # every port explicit: the session's own Ray already holds the defaults (e.g. the agent's 52365)
+    home = tmp_path / "home"  # the user's ~ (and so ~/.ray/auth_token) is the test's own
+    home.mkdir()
+    user = {k: v for k, v in os.environ.items()
+            if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    user.update(HOME=str(home), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+
+    # ray get-auth-token --generate >/dev/null
+    generate = subprocess.run([str(ray_bin), "get-auth-token", "--generate"], env=user, capture_output=True,
+                              text=True, timeout=120)
+    assert generate.returncode == 0, generate.stderr[-2000:]
+    assert (home / ".ray" / "auth_token").read_text().strip() == generate.stdout.strip()
+    # export RAY_AUTH_MODE=token
+    env = {**user, "RAY_AUTH_MODE": "token"}
+    # ray start --head; every port explicit: the session's own Ray already holds the defaults
+    # (e.g. the agent's 52365), and so only this cluster's processes are stopped afterwards
     ports = [f"--{name}={_free_port()}" for name in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
         "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
@@ -101,8 +115,9 @@ def test_train_workflow_through_ray_job_submit(tmp_path, model_dir):
                             f"--temp-dir={temp_dir}"], env=env, capture_output=True, text=True, timeout=120)
     assert start.returncode == 0, start.stderr[-2000:]
     try:
+        address = f"--address=http://127.0.0.1:{dashboard}"
         args = overrides(model_dir, tmp_path / "tiles", None)
-        submit = [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
+        submit = [str(ray_bin), "job", "submit", address, "--working-dir", str(REPO),
                   "--", "python", "workflows/train.py", "--config", "configs/quickstart.yaml",
                   "--output", str(tmp_path / "out"), *args]
         for _ in range(60):  # the head's job agent comes up a little after `ray start` returns
@@ -113,6 +128,17 @@ def test_train_workflow_through_ray_job_submit(tmp_path, model_dir):
         assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
         assert "succeeded" in job.stdout + job.stderr
         assert "| bimors | 1 |" in job.stdout
+
+        # the cluster refuses a submitter without the token: the same user without `export
+        # RAY_AUTH_MODE=token` (the token file is there but not sent: the reported "Authentication
+        # required"), and one with another token
+        wrong = {**env, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        for without, refusal in ((user, "Authentication required"), (wrong, "Authentication failed")):
+            refused = subprocess.run([str(ray_bin), "job", "submit", address, "--", "python", "-c", "print('ran')"],
+                                     env=without, capture_output=True, text=True, timeout=120)
+            out = refused.stdout + refused.stderr
+            assert refused.returncode != 0 and refusal in out, out[-2000:]
+            assert "submitted successfully" not in out
     finally:
         _stop_cluster(temp_dir)  # not `ray stop`: that would also stop the session's own Ray
 

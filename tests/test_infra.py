@@ -196,7 +196,8 @@ def test_launcher_image_environment_and_identity(cluster):
     assert {"MLFLOW_TRACKING_URI", "AWS_REGION"} <= set(env)
     assert urlsplit(env["MLFLOW_TRACKING_URI"]).port == 5000
     assert env["AWS_REGION"] == cluster["provider"]["region"]
-    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "BIMORS_API_TOKEN"} & set(env)
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "BIMORS_API_TOKEN",
+                "RAY_AUTH_TOKEN"} & set(env)
     for name, t in cluster["available_node_types"].items():
         profile = t["node_config"]["IamInstanceProfile"]
         assert profile.get("Name") or profile.get("Arn"), f"{name}: no IAM instance profile"
@@ -205,6 +206,63 @@ def test_launcher_image_environment_and_identity(cluster):
     workdir = _dockerfile_workdir()
     assert cluster["file_mounts"][workdir] == "."
     assert any("pip install" in cmd and workdir in cmd for cmd in cluster["setup_commands"])
+
+
+def _docker_options(cluster: dict) -> tuple[dict[str, str], list[str]]:
+    """(--env NAME=VALUE pairs, --env-file paths) of the launcher's `docker run` options."""
+    env, env_files = {}, []
+    for option in cluster["docker"]["run_options"]:
+        words = shlex.split(option)
+        if words[0] in ("--env", "-e"):
+            key, _, value = words[1].partition("=")
+            env[key] = value
+        elif words[0] == "--env-file":
+            env_files.append(words[1])
+    return env, env_files
+
+
+def _ray_token_secret_id(cluster: dict) -> str:
+    """The Secrets Manager id the launcher reads Ray's token from (and checks how it is written)."""
+    _, env_files = _docker_options(cluster)
+    writers = [cmd for cmd in cluster["initialization_commands"] if "RAY_AUTH_TOKEN=" in cmd]
+    assert len(writers) == 1, "exactly one initialization command should write RAY_AUTH_TOKEN"
+    (cmd,) = writers
+    target = re.search(r">\s*(\S+)\s*$", cmd)
+    assert target and target.group(1) in env_files, "the token file is not passed to the container (--env-file)"
+    assert "umask 077" in cmd, "the token file must be private to its owner"
+    assert "|| true" not in cmd and "test -n" in cmd, "a missing Ray token must stop the node, not start it open"
+    secret = re.search(r"aws secretsmanager get-secret-value\b.*--secret-id\s+(\S+)", cmd, flags=re.S)
+    assert secret, "RAY_AUTH_TOKEN should come from Secrets Manager"
+    return secret.group(1)
+
+
+def test_launcher_gives_rays_token_to_every_node_and_the_submitter(cluster):
+    """Token auth on a launcher cluster: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN in every container
+    (head and workers start in the same `docker run`, after the same initialization_commands), the
+    token from Secrets Manager, and the submit commands (this file's header, the README) export the
+    same two variables from the same secret."""
+    env, _ = _docker_options(cluster)
+    assert env.get("RAY_AUTH_MODE") == "token"
+    secret_id = _ray_token_secret_id(cluster)
+    # no node type replaces the docker options or the initialization commands that carry the token
+    for name, t in cluster["available_node_types"].items():
+        assert "docker" not in t and "initialization_commands" not in t, name
+    # every `ray start` runs in the container with that environment and nothing turns auth off
+    starts = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
+    assert sum("ray start" in c for c in starts) == 2
+    for command in starts + cluster["setup_commands"] + cluster["head_setup_commands"] + cluster["worker_setup_commands"]:
+        assert not re.search(r"RAY_AUTH_MODE=(?!token\b)|-u\s+RAY_AUTH|unset\s+RAY_AUTH", command), command
+
+    def submit_path(text: str, where: str) -> None:
+        before = text[:text.index("ray job submit")]
+        assert re.search(r"export RAY_AUTH_MODE=token\b", before), f"{where}: the submitter does not set RAY_AUTH_MODE=token"
+        token = re.search(r"export RAY_AUTH_TOKEN=\"\$\(aws secretsmanager get-secret-value\b[^)]*--secret-id\s+(\S+)",
+                          before.replace("#", "").replace("\\\n", " "))
+        assert token and token.group(1) == secret_id, f"{where}: RAY_AUTH_TOKEN does not come from {secret_id}"
+
+    submit_path(CLUSTER_YAML.read_text(), "ray_cluster.yaml")
+    readme = (ROOT / "README.md").read_text()
+    submit_path(readme[readme.index("**Ray cluster launcher**"):], "README (Ray cluster launcher)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,6 +498,91 @@ def test_pods_get_aws_access_through_their_service_account():
 
 
 # --------------------------------------------------------------------------------------------
+# Ray token authentication on Kubernetes
+
+
+RAY_TOKEN_SECRET = "bimors-ray-token"
+RAY_TOKEN_KEY = "auth_token"  # the key KubeRay's authOptions.secretName reads
+
+
+def _kuberay_auth_env(owner: str, cluster: dict) -> dict[str, dict]:
+    """What KubeRay (>= 1.6, SetContainerTokenAuthEnvVars) adds to every Ray container, the
+    autoscaler and the RayJob submitter of a cluster whose authOptions.mode is token: RAY_AUTH_MODE
+    and RAY_AUTH_TOKEN from the Secret's `auth_token` (a generated `<cluster>` Secret without
+    secretName). Variables a container already sets are left as they are."""
+    auth = cluster.get("authOptions") or {}
+    if auth.get("mode") != "token":
+        return {}
+    secret = auth.get("secretName") or owner
+    return {"RAY_AUTH_MODE": {"name": "RAY_AUTH_MODE", "value": "token"},
+            "RAY_AUTH_TOKEN": {"name": "RAY_AUTH_TOKEN",
+                               "valueFrom": {"secretKeyRef": {"name": secret, "key": RAY_TOKEN_KEY}}}}
+
+
+def _effective_env(container: dict, added: dict[str, dict]) -> dict[str, dict]:
+    env = {e["name"]: e for e in container.get("env", [])}
+    return {**added, **env}
+
+
+def _assert_gets_ray_token(where: str, env: dict[str, dict]) -> None:
+    assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{where}: RAY_AUTH_MODE is not token"
+    ref = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+    assert ref == {"name": RAY_TOKEN_SECRET, "key": RAY_TOKEN_KEY}, (
+        f"{where}: RAY_AUTH_TOKEN should come from Secret {RAY_TOKEN_SECRET} key {RAY_TOKEN_KEY}, got {ref}"
+    )
+
+
+def test_every_ray_pod_and_the_rayjob_submitter_get_rays_token():
+    """authOptions (not hand-written env) because the operator itself calls the dashboard (it
+    deploys the RayService's Serve config and follows the RayJob) and reads the token only from
+    authOptions; it also hands the token to the autoscaler sidecar and the RayJob submitter."""
+    owners = list(_ray_cluster_specs())
+    assert {o for o, _ in owners} >= {"bimors-batch", "bimors-serve"} and len(owners) == 3
+    for owner, cluster in owners:
+        assert cluster.get("authOptions") == {"mode": "token", "secretName": RAY_TOKEN_SECRET}, owner
+        assert tuple(int(p) for p in cluster["rayVersion"].split(".")[:2]) >= (2, 52), f"{owner}: token auth needs Ray >= 2.52"
+        added = _kuberay_auth_env(owner, cluster)
+        containers = [(f"{owner} head {c['name']}", c) for c in cluster["headGroupSpec"]["template"]["spec"]["containers"]]
+        for group in cluster.get("workerGroupSpecs", []):
+            containers += [(f"{owner} {group['groupName']} {c['name']}", c) for c in group["template"]["spec"]["containers"]]
+        if cluster.get("enableInTreeAutoscaling"):
+            containers.append((f"{owner} autoscaler", cluster.get("autoscalerOptions") or {}))
+        for where, container in containers:
+            _assert_gets_ray_token(where, _effective_env(container, added))
+
+    job = _one("RayJob")
+    added = _kuberay_auth_env("rayjob", job["spec"]["rayClusterSpec"])
+    assert job["spec"].get("submissionMode", "K8sJobMode") in ("K8sJobMode", "SidecarMode", "HTTPMode")
+    template = job["spec"].get("submitterPodTemplate")
+    submitters = template["spec"]["containers"] if template else [{}]  # {}: KubeRay's default submitter
+    for container in submitters:
+        _assert_gets_ray_token("RayJob submitter", _effective_env(container, added))
+
+
+def test_nightly_submitter_sends_rays_token_to_the_batch_cluster():
+    cron = _one("CronJob", "bimors-nightly")
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    env = _effective_env(container, {})
+    _assert_gets_ray_token("CronJob bimors-nightly", env)
+    # the Secret is the one the cluster it submits to requires
+    address = re.search(r"--address\s+(\S+)", container["command"][-1]).group(1)
+    (batch,) = [d for d in _of_kind("RayCluster") if f"{d['metadata']['name']}-head-svc" == urlsplit(address).hostname]
+    assert batch["spec"]["authOptions"]["secretName"] == env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"]
+
+
+def test_kuberay_auth_model_matches_the_operator():
+    """The model above, on KubeRay's own sample shapes: nothing without authOptions, the generated
+    per-cluster Secret without secretName, and a container's own variables win."""
+    assert _kuberay_auth_env("c", {}) == {}
+    assert _kuberay_auth_env("c", {"authOptions": {"mode": "disabled"}}) == {}
+    generated = _kuberay_auth_env("c", {"authOptions": {"mode": "token"}})
+    assert generated["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "c", "key": "auth_token"}
+    own = _effective_env({"env": [{"name": "RAY_AUTH_MODE", "value": "disabled"}]}, generated)
+    with pytest.raises(AssertionError):
+        _assert_gets_ray_token("x", own)
+
+
+# --------------------------------------------------------------------------------------------
 # credentials: by name (Secrets, IAM roles) only
 
 
@@ -506,6 +649,8 @@ def test_secret_refs_name_the_documented_secrets():
             for key in ("secretKeyRef", "secretRef"):
                 if key in node:
                     refs.add(node[key]["name"])
+            if "secretName" in node.get("authOptions", {}):
+                refs.add(node["authOptions"]["secretName"])
             for value in node.values():
                 walk(value)
         elif isinstance(node, list):
@@ -514,7 +659,7 @@ def test_secret_refs_name_the_documented_secrets():
 
     for _, doc in DOCS:
         walk(doc)
-    assert refs == {"bimors-api-token", "mlflow-postgres", "bimors-aws"}
+    assert refs == {"bimors-api-token", "bimors-ray-token", "mlflow-postgres", "bimors-aws"}
     readme = (ROOT / "README.md").read_text()
     for name in refs:
         assert name in readme, f"README does not say how to create Secret {name}"
