@@ -12,6 +12,7 @@ stays short and readable.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -19,7 +20,7 @@ import time
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterator
 
 #: Seconds between progress lines when stderr is not a terminal.
 LINE_INTERVAL_S = 5.0
@@ -50,6 +51,8 @@ def setup(name: str, verbose: bool = False, log_dir: str | os.PathLike | None = 
     folder.mkdir(parents=True, exist_ok=True)
     _log_file = folder / f"{name}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
 
+    if not verbose:
+        _native_stderr_to(_log_file)
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -67,7 +70,28 @@ def setup(name: str, verbose: bool = False, log_dir: str | os.PathLike | None = 
     logging.captureWarnings(True)
     warnings.simplefilter("default")
     os.environ.setdefault("TQDM_DISABLE", "0" if verbose else "1")  # libraries' own bars (not ours)
+    if not verbose:
+        os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # MLflow's records reach the log file via root
     return _log_file
+
+
+def _native_stderr_to(path: Path) -> None:
+    """Point file descriptor 2 at the log file and keep the terminal for Python's ``sys.stderr``.
+
+    Ray's C++ core (in this process and in the processes it starts) and native libraries write
+    straight to descriptor 2, past any Python logging setup; this sends that to the log file while
+    progress, results, ``error:`` lines and tracebacks still reach the person through
+    ``sys.stderr``, now a duplicate of the original terminal descriptor."""
+    try:
+        sys.stderr.flush()
+        terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
+                             errors="backslashreplace")
+        log_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+    except (OSError, ValueError, AttributeError):  # no real descriptor 2 (embedded, some IDEs): leave it
+        return
+    sys.stderr = terminal
 
 
 class _OwnWarnings(logging.Filter):
@@ -87,6 +111,17 @@ def quiet_ray_loggers() -> None:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 logger.removeHandler(handler)
         logger.propagate = True
+
+
+@contextlib.contextmanager
+def chatter_to_log() -> Iterator[None]:
+    """Send what a library prints on ``sys.stderr`` meanwhile (e.g. Ray's notices at ``ray.init``)
+    to the log file, unless ``--verbose``."""
+    if _verbose or _log_file is None:
+        yield
+        return
+    with open(_log_file, "a", buffering=1) as sink, contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
+        yield
 
 
 class Progress:
@@ -134,6 +169,9 @@ class Progress:
         self._last_line = time.monotonic()
         elapsed = self._last_line - self.started
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        rate = f", {self.done / elapsed:.1f} {self.unit}/s" if elapsed > 0 and self.done else ""
+        rate = ""
+        if elapsed > 0 and self.done:
+            per_second = self.done / elapsed
+            rate = f", {per_second:.1f} {self.unit}/s" if per_second >= 1 else f", {elapsed:.0f} s"
         note = f", {self.note}" if self.note else ""
         print(f"{self.stage}: {self.done}/{self.total} {self.unit}{pct}{rate}{note}", file=self.stream, flush=True)

@@ -35,7 +35,7 @@ class PredictStage:
         }
 
 
-def predict_rows(cfg: Config, checkpoint: str, classnames: Sequence[str], rows: pa.Table) -> pa.Table:
+def predict_rows(cfg: Config, checkpoint: str, classnames: Sequence[str], rows: pa.Table, label: str = "evaluate") -> pa.Table:
     """Predictions for every row of ``rows`` (feature-store rows with labels in ``classnames``)."""
     import ray.data
 
@@ -56,15 +56,18 @@ def predict_rows(cfg: Config, checkpoint: str, classnames: Sequence[str], rows: 
         num_gpus=stage.num_gpus or None,
     )
     batches = []
-    with Progress("evaluate", rows.num_rows, "tiles") as progress:
+    with Progress(label, rows.num_rows, "tiles") as progress:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             batches.append(batch)
             progress.update(batch.num_rows)
     return pa.concat_tables(batches)
 
 
-def evaluate_rows(cfg: Config, checkpoint: str, classnames: Sequence[str], rows: pa.Table) -> ClassificationReport:
-    predicted = predict_rows(cfg, checkpoint, classnames, rows)
+def evaluate_rows(
+    cfg: Config, checkpoint: str, classnames: Sequence[str], rows: pa.Table, label: str = "evaluate"
+) -> ClassificationReport:
+    """Score every row; ``label`` names the stage on the console (e.g. ``evaluate base classes``)."""
+    predicted = predict_rows(cfg, checkpoint, classnames, rows, label)
     if predicted.num_rows != rows.num_rows:
         raise RuntimeError(f"scored {predicted.num_rows} of {rows.num_rows} rows")
     return classification_report(

@@ -112,9 +112,9 @@ def _fit_and_evaluate(cfg, store, data: ProtocolData, output, run_name, dataset,
         checkpoint, history = result.checkpoint, result.history
     reports: dict[str, ClassificationReport] = {}
     if cfg.data.subsample == "base":
-        reports["base"] = evaluate_rows(cfg, checkpoint, data.classnames, data.splits["test"])
+        reports["base"] = evaluate_rows(cfg, checkpoint, data.classnames, data.splits["test"], "evaluate base classes")
         new = protocol_data(cfg, store, cfg.seed, "new")
-        reports["new"] = evaluate_rows(cfg, checkpoint, new.classnames, new.splits["test"])
+        reports["new"] = evaluate_rows(cfg, checkpoint, new.classnames, new.splits["test"], "evaluate new classes")
     else:
         reports[cfg.data.subsample] = evaluate_rows(cfg, checkpoint, data.classnames, data.splits["test"])
     return RunReport(run_name, dataset, cfg.model.learner.method, cfg.seed, checkpoint, reports, history)

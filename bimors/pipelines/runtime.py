@@ -20,7 +20,8 @@ def ensure_ray() -> None:
         return
     # Workers' output reaches this console only with --verbose; otherwise it stays in Ray's log files
     # (the session's logs folder, named in our log file) and Ray Data shows no bars of its own.
-    ray.init(log_to_driver=console.verbose(), logging_level=logging.WARNING, configure_logging=console.verbose())
+    with console.chatter_to_log():
+        ray.init(log_to_driver=console.verbose(), logging_level=logging.WARNING, configure_logging=console.verbose())
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = console.verbose()
