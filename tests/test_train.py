@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from bimors.config import Config
 from bimors.data.synthetic import generate_synthetic
@@ -91,14 +92,46 @@ def test_two_workers_follow_the_one_worker_curve(small, one_worker):
         assert b["val_acc"] == pytest.approx(a["val_acc"])
 
 
-def test_online_features_train_through_the_image_encoder(small):
+def test_online_features_train_through_the_image_encoder(small, one_worker, backbone):
+    """train.features=online: every step decodes its tiles, crops and flips them and runs the frozen
+    image encoder (``encoded_images`` counts them). With the augmentation switched off the loop must
+    reproduce the cached run (same encoder, same tiles in the same order); switched on, the losses must
+    move away from it (cached features cannot give the losses of random crops)."""
+    from bimors.data.augment import random_resized_crop_flip
+    from bimors.data.tiles import read_tile
+
     cfg, output, _, data = small
-    online = cfg.model_copy(update={
-        "train": cfg.train.model_copy(update={"features": "online"}),
-        "optim": cfg.optim.model_copy(update={"epochs": 2}),
-    })
-    result = fit(online, data, f"{output}/runs", "online")
-    assert len(result.history) == 2 and all(h["loss"] > 0 for h in result.history)
+    # the augmentation itself: off, it is the featurize (cached) view of a tile; on, it is not
+    uri = data.splits["train"].column("uri")[0].as_py()
+    tile = read_tile(uri, cfg.data.decode, cfg.storage, cfg.featurize.max_side)
+    whole = backbone.preprocess([tile])
+    crop = lambda seed, **kw: backbone.preprocess(  # noqa: E731
+        random_resized_crop_flip(tile, backbone.image_size, torch.Generator().manual_seed(seed), **kw)[None]
+    )
+    assert torch.allclose(crop(0, scale=(1.0, 1.0), flip=False), whole, atol=1e-5)
+    assert not any(torch.allclose(crop(s, scale=cfg.train.augment.crop_scale), whole, atol=1e-2) for s in range(4))
+
+    def online(name: str, **augment) -> list[dict]:
+        run = cfg.model_copy(update={
+            "train": cfg.train.model_copy(update={
+                "features": "online", "augment": cfg.train.augment.model_copy(update=augment),
+            }),
+            "optim": cfg.optim.model_copy(update={"epochs": 2}),
+        })
+        return fit(run, data, f"{output}/runs", name).history
+
+    cached = one_worker.history
+    plain, augmented = online("online-plain", crop_scale=(1.0, 1.0), flip=False), online("online")
+    per_epoch = len(data.splits["train"]) // cfg.optim.batch_size * cfg.optim.batch_size
+    assert [h["encoded_images"] for h in cached] == [0] * EPOCHS
+    assert [h["encoded_images"] for h in plain] == [h["encoded_images"] for h in augmented] == [per_epoch] * 2
+    # epoch 0 runs at the warm-up rate whatever the number of epochs: the same steps from the same start
+    # (the cached visual tokens are float16, the loop's float32: a ~1e-7 difference)
+    assert plain[0]["loss"] == pytest.approx(cached[0]["loss"], rel=1e-5)
+    assert plain[0]["train_acc"] == cached[0]["train_acc"]
+    assert augmented[0]["loss"] != pytest.approx(cached[0]["loss"], rel=1e-4)
+    for a, p in zip(augmented, plain, strict=True):  # identical runs but for the augmentation
+        assert a["loss"] != pytest.approx(p["loss"], rel=1e-4)
 
 
 def processes_titled(prefix: str) -> list[int]:
