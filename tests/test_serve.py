@@ -161,7 +161,7 @@ def test_bad_scenes_get_4xx_and_unknown_jobs_404(app, scene_dir):
     missing = client.post("/classify/scene", json={"url": str(tmp_path / "nowhere.tif")})
     assert missing.status_code == 400 and "nowhere.tif" in missing.json()["detail"]
     bad_uri = client.post("/classify/scene", json={"url": "s3://"})
-    assert bad_uri.status_code == 400
+    assert bad_uri.status_code == 403  # malformed URLs are under no allowed prefix either
     assert client.post("/classify/scene", json={"nope": 1}).status_code == 400
     not_image = client.post("/classify/scene", content=b"plain text", headers={"Content-Type": "text/plain"})
     assert not_image.status_code == 422

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +40,9 @@ def test_quickstart_serve_comes_up_on_two_cpus_and_answers_health(tmp_path, mode
     started = time.monotonic()
     proc = subprocess.Popen(serve_command(model_dir, learner_checkpoint, port), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=own_ray_env(tmp_path), start_new_session=True)
+    printed: list[str] = []
+    reader = threading.Thread(target=lambda: printed.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
         healthy_after = None
         while time.monotonic() - started < 120 and proc.poll() is None:
@@ -53,14 +57,19 @@ def test_quickstart_serve_comes_up_on_two_cpus_and_answers_health(tmp_path, mode
         assert healthy_after is not None and healthy_after < 60, f"/health answered after {healthy_after} s"
         model = httpx.get(f"http://127.0.0.1:{port}/model", timeout=30).json()  # the models are loaded too
         assert model["method"] == "bimors" and model["classes"]
+        while not printed and time.monotonic() - started < 120:  # the command says so once serve.run returned
+            time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
-            out, err = proc.communicate(timeout=60)
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-    assert f"serving {learner_checkpoint} on http://127.0.0.1:{port}" in out
+            proc.wait()
+        reader.join(timeout=10)
+        err = proc.stderr.read()
+    out = "".join(printed)
+    assert f"serving {learner_checkpoint} on http://127.0.0.1:{port}" in out, out + err
     assert "uploads only" in out  # the quickstart opens no scene URLs
     assert len((out + err).strip().splitlines()) <= 5, out + err  # Ray's chatter is in the log file
 

@@ -158,10 +158,13 @@ class BimorsAPI:
                 raise HTTPException(status_code=422, detail="not a scene image: expected GeoTIFF/TIFF, PNG or JPEG bytes")
             url = storage.join(job_dir, "input" + suffix)
             await asyncio.to_thread(storage.write_bytes, url, body, self.cfg.storage)
+        def scene_size() -> list[int]:
+            # opened and closed in one worker thread: s3fs must not run its I/O on the event loop
+            with SceneReader(url, self.cfg.scene, self.cfg.storage, self.cfg.serve.max_scene_pixels) as reader:
+                return [reader.height, reader.width]
+
         try:  # open it now, so that a bad scene is a 4xx on this request rather than a failed job
-            reader = await asyncio.to_thread(SceneReader, url, self.cfg.scene, self.cfg.storage, self.cfg.serve.max_scene_pixels)
-            size = [reader.height, reader.width]
-            reader.dataset.close()
+            size = await asyncio.to_thread(scene_size)
         except SceneTooLargeError as err:
             raise PayloadTooLarge(str(err)) from None
         except SceneError as err:
