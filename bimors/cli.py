@@ -52,7 +52,10 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
     """Call ``main``; a user error (:class:`~bimors.errors.BimorsError`, also when Ray wrapped it)
     becomes ``error: <one line>`` and exit status 2; anything else is a bug and keeps its traceback."""
     try:
-        return main(argv)
+        status = main(argv)
+        if console.log_file() is not None and not console.verbose():
+            print(f"log: {console.log_file()} (Ray's own logs: /tmp/ray/session_latest/logs on each node)", file=sys.stderr)
+        return status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -48,12 +48,21 @@ def run_workflow(script: str, args: list[str], env: dict[str, str] | None = None
 def test_train_workflow_records_the_run_in_mlflow(tmp_path, model_dir, mlflow_server, backbone):
     """`python workflows/train.py` on its own: it starts a local Ray (no RAY_ADDRESS given)."""
     args = overrides(model_dir, tmp_path / "tiles", mlflow_server.uri, ["tracking.registered_model=quick"])
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"BIMORS_LOG_DIR": str(tmp_path / "logs")}
     done = subprocess.run([sys.executable, str(REPO / "workflows" / "train.py"), "--config", str(QUICKSTART),
                            "--output", str(tmp_path / "out"), *args], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "| method | seed | base | new | hm |" in out and "| bimors | 1 |" in out
+    # a concise console when piped: progress per stage, the results, where the log is; no Ray internals
+    console = (done.stdout + done.stderr).strip().splitlines()
+    assert len(console) <= 30, "\n".join(console)
+    for stage in ("featurize: ", "train: ", "evaluate base classes: ", "evaluate new classes: "):
+        assert any(line.startswith(stage) for line in done.stderr.splitlines()), done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"log: {env['BIMORS_LOG_DIR']}/train-")
+    assert not [line for line in console[:-1] if "pid=" in line or "INFO" in line or "Warning" in line or "ray" in line.lower()]
+    log_file = next(Path(env["BIMORS_LOG_DIR"]).glob("train-*.log")).read_text()
+    assert "ray: " in log_file and "CPU" in log_file  # what the console leaves out is in the log file
     assert "mlflow run: " + mlflow_server.uri in out and "registered as quick v1, alias candidate" in out
 
     cfg = load_config(QUICKSTART, args)

@@ -19,7 +19,7 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     # Workers' output reaches this console only with --verbose; otherwise it stays in Ray's log files
-    # (the session's logs folder, named in our log file) and Ray Data shows no bars of its own.
+    # (/tmp/ray/session_latest/logs) and Ray Data shows no bars of its own: bimors.console shows progress.
     with console.chatter_to_log():
         ray.init(log_to_driver=console.verbose(), logging_level=logging.WARNING, configure_logging=console.verbose())
     import ray.data
@@ -27,8 +27,7 @@ def ensure_ray() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = console.verbose()
     console.quiet_ray_loggers()
     resources = ray.cluster_resources()
-    log.info("ray: %s CPU, %s GPU; Ray's own logs: %s", resources.get("CPU", 0), resources.get("GPU", 0),
-             ray._private.worker._global_node.get_logs_dir_path() if ray._private.worker._global_node else "on the head node")
+    log.info("ray: %s CPU, %s GPU", resources.get("CPU", 0), resources.get("GPU", 0))
 
 
 def actor_pool(stage: StageConfig):
