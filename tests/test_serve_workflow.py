@@ -60,7 +60,7 @@ def test_quickstart_serve_comes_up_on_two_cpus_and_answers_health(tmp_path, mode
         while not printed and time.monotonic() - started < 120:  # the command says so once serve.run returned
             time.sleep(0.2)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # what `kill` and container runtimes send: a clean shutdown
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -68,6 +68,7 @@ def test_quickstart_serve_comes_up_on_two_cpus_and_answers_health(tmp_path, mode
             proc.wait()
         reader.join(timeout=10)
         err = proc.stderr.read()
+    assert proc.returncode == 0, err
     out = "".join(printed)
     assert f"serving {learner_checkpoint} on http://127.0.0.1:{port}" in out, out + err
     assert "uploads only" in out  # the quickstart opens no scene URLs

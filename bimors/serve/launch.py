@@ -9,10 +9,12 @@ what one replica asks for and what the cluster has.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from typing import Any
 
+from bimors import console
 from bimors.config import Config
 from bimors.errors import BimorsError
 
@@ -87,11 +89,16 @@ def _resources(cpus: Any, gpus: Any) -> str:
 
 
 def serve_until_interrupted() -> None:
-    """Block until Ctrl-C, then shut Serve down."""
+    """Block until Ctrl-C or SIGTERM (what ``kill`` and container runtimes send), then shut Serve down."""
     from ray import serve
 
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()
+        with console.chatter_to_log():  # Ray reports its controller's shutdown on stdout
+            serve.shutdown()
