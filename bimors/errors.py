@@ -16,8 +16,8 @@ class BimorsError(Exception):
 
 def user_error_in(err: BaseException) -> BimorsError | None:
     """The :class:`BimorsError` behind ``err``, also when Ray wrapped it on its way back from a task,
-    an actor or a Ray Train worker (``RayTaskError.cause``, ``TrainingFailedError``'s worker
-    failures, ``__cause__`` chains); ``None`` for anything else."""
+    an actor or a Ray Train worker (``RayTaskError.cause``, ``WorkerGroupError.worker_failures``,
+    ``ControllerError.controller_failure``, ``__cause__`` chains); ``None`` for anything else."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [err]
     while pending:
@@ -34,7 +34,8 @@ def user_error_in(err: BaseException) -> BimorsError | None:
                 pending.extend(f for f in failures.values() if isinstance(f, BaseException))
             elif isinstance(failures, (list, tuple)):
                 pending.extend(f for f in failures if isinstance(f, BaseException))
-        error = getattr(current, "error", None)
-        if isinstance(error, BaseException):
-            pending.append(error)
+        for attr in ("error", "controller_failure"):  # Ray Data's and Ray Train's controller wrappers
+            inner = getattr(current, attr, None)
+            if isinstance(inner, BaseException):
+                pending.append(inner)
     return None

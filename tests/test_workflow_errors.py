@@ -134,5 +134,9 @@ def test_user_errors_are_found_inside_ray_wrappers():
     chained = RuntimeError("training failed")
     chained.__cause__ = wrapped
     assert user_error_in(chained) is cause
+    from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
+
+    assert user_error_in(WorkerGroupError("worker 1 failed", {1: wrapped})) is cause
+    assert user_error_in(ControllerError(cause)) is cause
     assert user_error_in(RuntimeError("a bug")) is None
     assert issubclass(ConfigError, BimorsError) and issubclass(ConfigError, ValueError)
