@@ -321,16 +321,27 @@ def resolve_checkpoint(model_uri: str, cfg: Config) -> str:
     return model_uri
 
 
+def pin_registry_uri(model_uri: str, cfg: Config) -> tuple[str, str, str | None]:
+    """``models:/name@alias`` (or ``models:/name/<n>``) -> (``models:/name/<version>[/path]``, the
+    version, the run that logged it): the registry URI that no alias move can change."""
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri(cfg.tracking)
+    name, version, path = _registry_parts(model_uri, uri, _client(uri))
+    try:
+        run_id = _client(uri).get_model_version(name, version).run_id or None
+    except MlflowException as err:
+        raise TrackingError(f"{model_uri}: lookup in {uri} failed ({err.message})") from err
+    return "models:/" + "/".join([name, str(version), *([path] if path else [])]), str(version), run_id
+
+
 def registry_version(model_uri: str, cfg: Config) -> str | None:
-    """The registry version ``models:/name@alias`` (or ``models:/name/<n>``) points at now, shown by
-    the endpoint's model info; ``None`` for run and checkpoint URIs."""
+    """The registry version ``models:/name@alias`` (or ``models:/name/<n>``) points at now;
+    ``None`` for run and checkpoint URIs."""
     if not model_uri.startswith("models:"):
         return None
-    parts = [p for p in model_uri.partition(":")[2].split("/") if p]
-    if parts and "@" in parts[0]:
-        name, _, alias = parts[0].partition("@")
-        return str(_model_version(_client(tracking_uri(cfg.tracking)), model_uri, tracking_uri(cfg.tracking), name, alias=alias))
-    return parts[1] if len(parts) >= 2 else None
+    uri = tracking_uri(cfg.tracking)
+    return str(_registry_parts(model_uri, uri, _client(uri))[1])
 
 
 def _artifact_location(model_uri: str, uri: str) -> str:
@@ -347,23 +358,25 @@ def _artifact_location(model_uri: str, uri: str) -> str:
     try:
         if scheme == "runs" and parts:
             return _run_artifact_location(client, model_uri, uri, parts[0], "/".join(parts[1:]))
-        if parts and "@" in parts[0]:
-            name, _, alias = parts[0].partition("@")
-            version = _model_version(client, model_uri, uri, name, alias=alias)
-            path = "/".join(parts[1:])
-        elif len(parts) >= 2 and parts[1].isdigit():
-            name = parts[0]
-            version = _model_version(client, model_uri, uri, name, version=parts[1])
-            path = "/".join(parts[2:])
-        else:
-            raise TrackingError(
-                f"{model_uri}: expected models:/<name>@<alias>, models:/<name>/<version number> "
-                "or runs:/<run_id>/<path>"
-            )
+        name, version, path = _registry_parts(model_uri, uri, client)
         location = client.get_model_version_download_uri(name, version)
         return storage.join(location, path) if path else location
     except MlflowException as err:
         raise TrackingError(f"{model_uri}: lookup in {uri} failed ({err.message})") from err
+
+
+def _registry_parts(model_uri: str, uri: str, client: Any) -> tuple[str, str, str]:
+    """(name, version, path inside the model) of ``models:/name@alias[/path]`` or
+    ``models:/name/<n>[/path]``; the alias is looked up now."""
+    parts = [p for p in model_uri.partition(":")[2].split("/") if p]
+    if parts and "@" in parts[0]:
+        name, _, alias = parts[0].partition("@")
+        return name, _model_version(client, model_uri, uri, name, alias=alias), "/".join(parts[1:])
+    if len(parts) >= 2 and parts[1].isdigit():
+        return parts[0], _model_version(client, model_uri, uri, parts[0], version=parts[1]), "/".join(parts[2:])
+    raise TrackingError(
+        f"{model_uri}: expected models:/<name>@<alias>, models:/<name>/<version number> or runs:/<run_id>/<path>"
+    )
 
 
 def _model_version(client: Any, model_uri: str, uri: str, name: str, *, alias: str = "", version: str = "") -> str:

@@ -4,6 +4,7 @@ auth, tiles, scenes (URL and upload, with polling), every bad input, and a bound
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,7 @@ def scene_bucket(s3_server) -> str:
 def app(ray_cluster, tiny_config, learner_checkpoint, tmp_path_factory, scene_dir, scene_bucket, s3_server):
     from ray import serve
 
+    from bimors.pinned_model import pin_model
     from bimors.serve.app import compose
     from s3_server import FAKE_KEY, FAKE_SECRET, REGION
 
@@ -61,7 +63,7 @@ def app(ray_cluster, tiny_config, learner_checkpoint, tmp_path_factory, scene_di
     })
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(compose(cfg, str(learner_checkpoint)), name="bimors-test", route_prefix="/")
+    serve.run(compose(cfg, pin_model(str(learner_checkpoint), cfg)), name="bimors-test", route_prefix="/")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120)
     try:
         yield client, cfg, out
@@ -85,6 +87,8 @@ def test_model_info(app):
     info = client.get("/model").json()
     assert info["classes"] == SCENE_CLASSES and info["method"] == "bimors" and info["mlflow_version"] is None
     assert info["backbone"]["fingerprint"] and info["needs_captions"] is True
+    # the model every replica loaded, pinned once when the app was built
+    assert info["pinned"]["uri"] == info["model"] and info["pinned"]["digest"].startswith("sha256:")
 
 
 def test_tile_gives_top_k_and_a_caption_matching_the_library(app, tiny_config, learner_checkpoint):
@@ -146,6 +150,8 @@ def test_scene_by_url_and_by_upload(app, scene_dir):
     assert (done["tiles"], done["classified"], done["nodata"], done["errors"]) == (6, 5, 1, 0)
     with rasterio.open(done["outputs"]["class_map"]) as cm, rasterio.open(tmp_path / "scene.tif") as src:
         assert cm.crs == src.crs and cm.transform == src.transform
+    summary = json.loads(Path(done["outputs"]["summary"]).read_text())
+    assert summary["model"] == client.get("/model").json()["pinned"]  # the scene records the model that classified it
 
     uploaded = client.post("/classify/scene", content=(tmp_path / "scene.tif").read_bytes(),
                            headers={"Content-Type": "image/tiff"})
@@ -287,11 +293,13 @@ def test_deployments_load_the_model_from_the_mlflow_registry(tiny_config, learne
 
 def test_replicas_resources_and_autoscaling_come_from_the_config():
     from bimors.config import load_config
+    from bimors.pinned_model import PinnedModel
     from bimors.serve.app import compose
 
     cfg = load_config(REPO_CONFIG, ["serve.captioner.max_replicas=7", "serve.captioner.num_gpus=0.5",
                                     "serve.classifier.min_replicas=0", "serve.classifier.target_ongoing_requests=3"])
-    ingress = compose(cfg, "models:/bimors@champion")._bound_deployment
+    pinned = PinnedModel("models:/bimors@champion", "models:/bimors/3", "sha256:0", "3", "run0")  # nothing is loaded here
+    ingress = compose(cfg, pinned)._bound_deployment
     deployments = {ingress.name: ingress} | {
         a._bound_deployment.name: a._bound_deployment for a in ingress.init_args if hasattr(a, "_bound_deployment")}
     assert set(deployments) == {"BimorsAPI", "Captioner", "Classifier"}

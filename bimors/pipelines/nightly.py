@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from bimors import storage
 from bimors.config import Config
 from bimors.console import Progress
+from bimors.pinned_model import PinnedModel, load_pinned, pin_model
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ class NightlyReport:
     run_id: str
     input: str
     output: str
-    model: str
+    model: str  # as requested (--model)
+    model_identity: dict[str, Any] = field(default_factory=dict)  # what it was pinned to (bimors.pinned_model)
     listed: int = 0
     skipped: int = 0
     classified: int = 0
@@ -161,12 +163,12 @@ def finished_keys(output_uri: str, cfg: Config) -> set[str]:
 class SceneStage:
     """One Predictor per actor; each call classifies whole scenes, recording failures per scene."""
 
-    def __init__(self, cfg: Config, model_uri: str):
-        from bimors.pipelines.inference import load_predictor
+    def __init__(self, cfg: Config, model: PinnedModel):
         from bimors.pipelines.stages import pick_device
 
         self.cfg = cfg
-        self.predictor = load_predictor(cfg, model_uri, pick_device(cfg.scene.classify.num_gpus))
+        self.model = model
+        self.predictor = load_pinned(cfg, model, pick_device(cfg.scene.classify.num_gpus))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from bimors.pipelines.scene import classify_scene
@@ -177,7 +179,7 @@ class SceneStage:
             try:
                 result = classify_scene(
                     str(scene), str(output), self.predictor.predict_images, self.predictor.classnames,
-                    self.cfg.scene, self.cfg.storage,
+                    self.cfg.scene, self.cfg.storage, model=self.model.record(),
                 )
                 status.append("ok")
                 tiles.append(result.tiles)
@@ -200,7 +202,6 @@ def run_nightly(
     import ray.data
 
     from bimors.pipelines.runtime import actor_pool, ensure_ray
-    from bimors.tracking import resolve_checkpoint
 
     started = time.perf_counter()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
@@ -219,13 +220,15 @@ def run_nightly(
     log.info("nightly: %d scenes listed, %d already processed, %d to classify", report.listed, report.skipped, len(todo))
 
     if todo:
-        resolve_checkpoint(model_uri, cfg)  # fail fast on a bad --model, before any actor starts
+        pinned = pin_model(model_uri, cfg)  # once, here: a bad --model fails before any actor starts
+        report.model_identity = pinned.record()
+        log.info("nightly: model %s pinned to %s (%s)", model_uri, pinned.uri, pinned.digest)
         ensure_ray()
         stage = cfg.scene.classify
         items = [{"scene": s, "key": k, "output": storage.join(output_uri, k)} for s, k in todo]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             SceneStage,
-            fn_constructor_kwargs={"cfg": cfg, "model_uri": model_uri},
+            fn_constructor_kwargs={"cfg": cfg, "model": pinned},
             batch_size=stage.batch_size,
             compute=actor_pool(stage),
             num_cpus=stage.num_cpus,
@@ -241,7 +244,7 @@ def run_nightly(
                     "run_id": run_id, "finished_at": finished_at,
                 })
                 progress.update(1)
-        _write_manifest(output_uri, run_id, rows, cfg)
+        _write_manifest(output_uri, run_id, rows, cfg, pinned)
         for row in rows:
             if row["status"] == "ok":
                 report.classified += 1
@@ -256,6 +259,7 @@ def run_nightly(
     return report
 
 
-def _write_manifest(output_uri: str, run_id: str, rows: Sequence[dict[str, Any]], cfg: Config) -> None:
-    table = pa.Table.from_pylist(list(rows), schema=MANIFEST_SCHEMA)
+def _write_manifest(output_uri: str, run_id: str, rows: Sequence[dict[str, Any]], cfg: Config, model: PinnedModel) -> None:
+    schema = MANIFEST_SCHEMA.with_metadata({"bimors.model": json.dumps(model.record())})
+    table = pa.Table.from_pylist(list(rows), schema=schema)
     storage.write_parquet(storage.join(output_uri, MANIFEST, f"{run_id}.parquet"), table, cfg.storage)

@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -226,6 +226,7 @@ class SceneResult:
     nodata: int
     errors: int
     classes: dict[str, int] = field(default_factory=dict)  # tiles per predicted class
+    model: dict[str, Any] = field(default_factory=dict)  # the pinned model that classified it
     seconds: float = 0.0
     outputs: dict[str, str] = field(default_factory=dict)
 
@@ -242,8 +243,10 @@ def classify_scene(
     storage_cfg: StorageConfig | None = None,
     max_pixels: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    model: dict[str, Any] | None = None,
 ) -> SceneResult:
-    """Classify every tile of a scene and write the outputs under ``output_uri``.
+    """Classify every tile of a scene and write the outputs under ``output_uri``; ``model`` (the
+    run's :meth:`~bimors.pinned_model.PinnedModel.record`) goes into summary.json and the Parquet.
 
     A tile that cannot be read or classified is recorded (status ``error``) and the rest go on;
     a scene that cannot be opened at all raises :class:`SceneError` or ``StorageError``."""
@@ -251,7 +254,7 @@ def classify_scene(
         raise SceneError(f"at most {MAX_CLASSES - 1} classes fit a uint8 class map, got {len(classnames)}")
     cache = {"GDAL_CACHEMAX": cfg.gdal_cache_mb * 2**20} if cfg.gdal_cache_mb else {}
     with rasterio.Env(**cache):
-        return _classify_scene(scene_uri, output_uri, classify, classnames, cfg, storage_cfg, max_pixels, progress)
+        return _classify_scene(scene_uri, output_uri, classify, classnames, cfg, storage_cfg, max_pixels, progress, model or {})
 
 
 def _classify_scene(
@@ -263,6 +266,7 @@ def _classify_scene(
     storage_cfg: StorageConfig | None,
     max_pixels: int | None,
     progress: Callable[[int, int], None] | None,
+    model: dict[str, Any],
 ) -> SceneResult:
     started = time.perf_counter()
     with SceneReader(scene_uri, cfg, storage_cfg, max_pixels) as reader, tempfile.TemporaryDirectory(prefix="bimors-scene-") as tmp:
@@ -278,6 +282,7 @@ def _classify_scene(
         crs = reader.dataset.crs
         schema = TILE_SCHEMA.with_metadata({
             "crs": crs.to_string() if crs else "", "class_names": json.dumps(list(classnames)), "scene": scene_uri,
+            "model": json.dumps(model),
         })
         pq.write_table(pa.Table.from_pylist([{**r, "scene": scene_uri} for r in rows], schema=schema), work / "tiles.parquet")
         _preview(work / "class_map.tif", work / "preview.png", classnames, cfg, scene_uri)
@@ -297,6 +302,7 @@ def _classify_scene(
             nodata=statuses.count("nodata"),
             errors=statuses.count("error"),
             classes=dict(sorted(histogram.items(), key=lambda kv: -kv[1])),
+            model=model,
         )
         for name in ("class_map.tif", "tiles.parquet", "preview.png"):
             target = storage.join(output_uri, name)

@@ -41,6 +41,7 @@ from bimors import storage
 from bimors.config import Config, load_config
 from bimors.data.decode import DecodeError, ImageTooLargeError
 from bimors.data.tiles import tile_from_bytes
+from bimors.pinned_model import PinnedModel, pin_model
 from bimors.serve.deployments import CaptionerDeployment, ClassifierDeployment
 from bimors.serve.scene_sources import SceneSources, SceneSourceRefused
 
@@ -221,6 +222,7 @@ class BimorsAPI:
             result = classify_scene(
                 url, storage.join(job_dir, "output"), classify, info["classes"], self.cfg.scene,
                 self.cfg.storage, max_pixels=self.cfg.serve.max_scene_pixels, progress=progress,
+                model=info["pinned"],
             )
             self._write_status(job_dir, {
                 **status, "state": "done", "finished": _now(), "tiles": result.tiles, "tiles_done": result.tiles,
@@ -236,21 +238,22 @@ class BimorsAPI:
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """Application builder: ``{"config": path, "model": URI, "overrides": ["key=value", ...]}``."""
+    """Application builder: ``{"config": path, "model": URI, "overrides": ["key=value", ...]}``.
+    The model is pinned here, once per deploy, so every replica serves the same version."""
     if not args.get("model"):
         raise ValueError("build_app needs a 'model' argument: models:/name@alias, runs:/<id>/model or a checkpoint URI")
     overrides = args.get("overrides") or []
     if isinstance(overrides, str):
         overrides = overrides.split()
     cfg = load_config(args.get("config"), overrides)
-    return compose(cfg, str(args["model"]))
+    return compose(cfg, pin_model(str(args["model"]), cfg))
 
 
 #: Deployment name -> its section under ``serve`` in the config (replicas and resources).
 DEPLOYMENT_CONFIG_KEYS = {"BimorsAPI": "ingress", "Captioner": "captioner", "Classifier": "classifier"}
 
 
-def compose(cfg: Config, model_uri: str) -> serve.Application:
+def compose(cfg: Config, model: PinnedModel) -> serve.Application:
     """The three deployments with their replicas, resources and autoscaling from ``cfg.serve``."""
     s = cfg.serve
 
@@ -262,6 +265,6 @@ def compose(cfg: Config, model_uri: str) -> serve.Application:
         }
 
     captioner = CaptionerDeployment.options(**options(s.captioner)).bind(cfg)
-    classifier = ClassifierDeployment.options(**options(s.classifier)).bind(cfg, model_uri)
+    classifier = ClassifierDeployment.options(**options(s.classifier)).bind(cfg, model)
     ingress_options = options(s.ingress) | {"max_ongoing_requests": 64}
     return BimorsAPI.options(**ingress_options).bind(cfg, captioner, classifier)

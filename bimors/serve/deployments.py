@@ -11,6 +11,7 @@ import torch
 from ray import serve
 
 from bimors.config import Config
+from bimors.pinned_model import PinnedModel, load_pinned
 from bimors.pipelines.stages import pick_device
 
 
@@ -35,15 +36,13 @@ class CaptionerDeployment:
 class ClassifierDeployment:
     """uint8 RGB tile (+ its caption embedding when the learner reads one) -> class probabilities."""
 
-    def __init__(self, cfg: Config, model_uri: str):
-        from bimors.pipelines.inference import load_predictor
-        from bimors.tracking import registry_version
-
-        self.predictor = load_predictor(cfg, model_uri, pick_device(cfg.serve.classifier.num_gpus), encoders=False)
+    def __init__(self, cfg: Config, model: PinnedModel):
+        self.predictor = load_pinned(cfg, model, pick_device(cfg.serve.classifier.num_gpus), encoders=False)
         backbone = self.predictor.classifier.backbone.identity
         self._info = {
-            "model": model_uri,
-            "mlflow_version": registry_version(model_uri, cfg),
+            "model": model.requested,
+            "mlflow_version": model.mlflow_version,
+            "pinned": model.record(),  # what every replica loaded: an alias moved later changes nothing here
             "method": self.predictor.classifier.learner.method,
             "classes": list(self.predictor.classnames),
             "backbone": {k: backbone.get(k) for k in ("name", "pretrained", "fingerprint") if k in backbone},

@@ -32,14 +32,14 @@ def deploy(cfg: Config, model_uri: str, name: str = APP_NAME) -> str:
     not running within ``serve.startup_timeout_s``."""
     from ray import serve
 
+    from bimors.pinned_model import pin_model
     from bimors.pipelines.runtime import ensure_ray
     from bimors.serve.app import compose
-    from bimors.tracking import resolve_checkpoint
 
-    resolve_checkpoint(model_uri, cfg)  # a bad --model fails here, with its reason, not in a replica
+    model = pin_model(model_uri, cfg)  # once: a bad --model fails here, and every replica loads this version
     ensure_ray()
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    app = compose(cfg, model_uri)
+    app = compose(cfg, model)
     failure: list[BaseException] = []
 
     def run() -> None:
