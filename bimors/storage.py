@@ -42,6 +42,9 @@ S3_CLIENT_CONFIG: dict[str, Any] = {
     "retries": {"max_attempts": 3, "mode": "standard"},
 }
 
+#: s3fs' own retry rounds around botocore's attempts (see :func:`filesystem`).
+S3FS_RETRIES = 2
+
 _S3_SCHEMES = ("s3", "s3a")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
 
@@ -121,11 +124,17 @@ def filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[fsspec.Abstr
     if not is_remote(uri):
         uri = str(local_path(uri))
     try:
-        return url_to_fs(uri, **storage_options(uri, cfg))
+        fs, path = url_to_fs(uri, **storage_options(uri, cfg))
     except StorageError:
         raise
     except (ImportError, ValueError) as err:
         raise StorageError(_redact(f"{uri}: unsupported or malformed URI ({err})", cfg)) from None
+    if hasattr(fs, "retries"):
+        # s3fs retries each call 5 times around botocore's own attempts, nested: a dropped connection
+        # then costs ~200 requests and ~100 s before the error surfaces. Two rounds around
+        # botocore's 3 jittered attempts still ride out a blip and fail within seconds.
+        fs.retries = S3FS_RETRIES
+    return fs, path
 
 
 def explain(uri: str, err: BaseException) -> StorageError:
@@ -266,6 +275,18 @@ def put_file(local: str | Path, uri: str, cfg: StorageConfig | None = None) -> N
                 _replace_local(Path(path), lambda handle: shutil.copyfileobj(source, handle))
         else:
             fs.put_file(str(local), path)
+    except Exception as err:  # noqa: BLE001
+        raise _fail(uri, err, cfg) from err
+
+
+def move(uri: str, target: str, cfg: StorageConfig | None = None) -> None:
+    """Move one object or file within one filesystem (local: a rename; S3: copy, then delete)."""
+    fs, path = filesystem(uri, cfg)
+    _, target_path = filesystem(target, cfg)
+    try:
+        if not is_remote(uri):
+            Path(target_path).parent.mkdir(parents=True, exist_ok=True)
+        fs.mv(path, target_path)
     except Exception as err:  # noqa: BLE001
         raise _fail(uri, err, cfg) from err
 

@@ -135,16 +135,19 @@ def local_dataset(tmp_path: Path, base: Config, images_per_class: int = 8) -> Co
     return cfg
 
 
-def test_torn_shard_is_dropped_and_its_tiles_recomputed(ray_cluster, tiny_config, tmp_path):
+def test_torn_shard_is_set_aside_and_its_tiles_recomputed(ray_cluster, tiny_config, tmp_path):
     cfg = local_dataset(tmp_path, tiny_config)
     output = str(tmp_path / "store")
     first = featurize(cfg, output)
     store = FeatureStore(output)
     victim = Path(store.shards(FEATURES)[0])
     victim_rows = pq.read_table(victim).num_rows
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])  # a torn write
+    torn = victim.read_bytes()[: victim.stat().st_size // 2]
+    victim.write_bytes(torn)  # a torn write
     second = featurize(cfg, output)
     assert second.stored == victim_rows and second.already_done == first.inputs - victim_rows
+    (quarantined,) = (Path(output) / "quarantine" / FEATURES).iterdir()  # kept aside, not deleted
+    assert quarantined.name.startswith(victim.name) and quarantined.read_bytes() == torn
     assert_exactly_once(store, set(build_manifest(cfg.data).column("tile_id").to_pylist()))
 
 

@@ -7,6 +7,7 @@ Layout under the store URI::
     features/part-*.parquet one row per stored tile (manifest columns + caption, caption_emb,
                             image_emb, visual_tokens)
     errors/part-*.parquet   one row per failed tile (tile_id, uri, stage, error)
+    quarantine/<kind>/…     shards that were read whole and were not valid Parquet (kept, not deleted)
 
 Every tile ends up in exactly one of ``features`` and ``errors``. Shards are named after a hash of
 the tile ids they hold and written whole (atomic rename locally, a single PUT on S3), so a retried
@@ -20,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
+import uuid
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 
 FEATURES = "features"
 ERRORS = "errors"
+QUARANTINE = "quarantine"  # shards whose bytes were read whole and are not valid Parquet
 ERROR_SCHEMA = pa.schema(
     [
         pa.field("tile_id", pa.string(), nullable=False),
@@ -123,14 +127,25 @@ class FeatureStore:
         return sorted(self.path(kind, n.rsplit("/", 1)[-1]) for n in names if n.endswith(".parquet"))
 
     def _read_shard(self, uri: str, columns: Sequence[str] | None) -> pa.Table | None:
+        """One shard, or ``None`` when its bytes, read completely, are not valid Parquet (a torn or
+        corrupt file): only then is it moved aside (``quarantine/``) and its tiles recomputed.
+
+        A storage error (timeout, refused or reset connection, 5xx, 403) is retried by the client
+        with bounded back-off and then raised as :class:`~bimors.storage.StorageError`, naming the
+        URI: it says nothing about the shard's content, so nothing in the store is touched."""
+        data = storage.read_bytes(uri, self.storage_cfg)
         try:
-            data = storage.read_bytes(uri, self.storage_cfg)
             return pq.read_table(pa.BufferReader(data), columns=list(columns) if columns else None)
-        except (pa.ArrowInvalid, OSError) as err:
-            log.warning("dropping unreadable shard %s (%s); its tiles will be recomputed", uri, err)
-            fs, path = storage.filesystem(uri, self.storage_cfg)
-            fs.rm(path)
+        except (pa.ArrowException, OSError, ValueError) as err:  # parsing bytes in memory: the content is bad
+            self._quarantine(uri, err)
             return None
+
+    def _quarantine(self, uri: str, err: BaseException) -> None:
+        name = uri.rsplit("/", 1)[-1]
+        kind = uri.rsplit("/", 2)[-2]
+        target = self.path(QUARANTINE, kind, f"{name}.{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}")
+        log.warning("shard %s is not valid Parquet (%s); moved to %s, its tiles will be recomputed", uri, err, target)
+        storage.move(uri, target, self.storage_cfg)
 
     def read(self, kind: str, columns: Sequence[str] | None = None, tile_ids: set[str] | None = None) -> pa.Table:
         """All shards of ``features`` or ``errors`` as one table (unreadable shards are dropped);
