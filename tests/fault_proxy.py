@@ -19,6 +19,7 @@ class FaultProxy:
     def __init__(self, upstream: str):
         self.upstream = urlsplit(upstream)
         self.requests: list[tuple[str, str]] = []
+        self.bytes_sent = 0  # response body bytes passed back to the client
         self.fault: str | None = None  # None, "503" or "drop"
         self.pattern = re.compile(".*")
         proxy = self
@@ -53,10 +54,12 @@ class FaultProxy:
                 for key, value in answer.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                # a HEAD answer carries the object's length, not its (empty) body's
+                self.send_header("Content-Length", answer.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                    proxy.bytes_sent += len(data)
                 conn.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle

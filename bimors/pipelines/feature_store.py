@@ -127,15 +127,26 @@ class FeatureStore:
         return sorted(self.path(kind, n.rsplit("/", 1)[-1]) for n in names if n.endswith(".parquet"))
 
     def _read_shard(self, uri: str, columns: Sequence[str] | None) -> pa.Table | None:
-        """One shard, or ``None`` when its bytes, read completely, are not valid Parquet (a torn or
-        corrupt file): only then is it moved aside (``quarantine/``) and its tiles recomputed.
+        """The ``columns`` of one shard (Parquet projection: ``done_tile_ids`` reads the ``tile_id``
+        chunks, not the visual tokens), or ``None`` when its bytes, read completely, are not valid
+        Parquet (a torn or corrupt file): only then is it moved aside (``quarantine/``) and its
+        tiles recomputed.
 
         A storage error (timeout, refused or reset connection, 5xx, 403) is retried by the client
         with bounded back-off and then raised as :class:`~bimors.storage.StorageError`, naming the
         URI: it says nothing about the shard's content, so nothing in the store is touched."""
-        data = storage.read_bytes(uri, self.storage_cfg)
+        wanted = list(columns) if columns else None
+        fs, path = storage.filesystem(uri, self.storage_cfg)
+        try:  # ranged reads: the footer and the wanted columns' chunks, not the whole shard
+            with fs.open(path, "rb", cache_type="none") as handle:
+                return pq.read_table(handle, columns=wanted)
+        except (pa.ArrowException, ValueError) as err:  # bad content, or a fault pyarrow wrapped: read it whole
+            log.debug("ranged read of %s failed (%s); reading it whole", uri, err)
+        except Exception as err:  # noqa: BLE001 - the storage failed (after the client's retries)
+            raise storage.explain(uri, err) from err
+        data = storage.read_bytes(uri, self.storage_cfg)  # a storage error is raised here, nothing is touched
         try:
-            return pq.read_table(pa.BufferReader(data), columns=list(columns) if columns else None)
+            return pq.read_table(pa.BufferReader(data), columns=wanted)
         except (pa.ArrowException, OSError, ValueError) as err:  # parsing bytes in memory: the content is bad
             self._quarantine(uri, err)
             return None
