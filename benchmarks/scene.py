@@ -86,11 +86,11 @@ def reset_peak() -> bool:
 
 def child(spec: dict) -> dict:
     from bimors.config import load_config
-    from bimors.pipelines.inference import load_predictor
+    from bimors.pinned_model import load_pinned, pin_model
     from bimors.pipelines.scene import classify_scene
 
     cfg = load_config(spec["config"], spec["overrides"])
-    predictor = load_predictor(cfg, spec["checkpoint"], device="cpu", encoders=True)
+    predictor = load_pinned(cfg, pin_model(spec["checkpoint"], cfg), device="cpu", encoders=True)
     loaded = current_rss()
     model_seconds = [0.0]
 

@@ -335,15 +335,6 @@ def pin_registry_uri(model_uri: str, cfg: Config) -> tuple[str, str, str | None]
     return "models:/" + "/".join([name, str(version), *([path] if path else [])]), str(version), run_id
 
 
-def registry_version(model_uri: str, cfg: Config) -> str | None:
-    """The registry version ``models:/name@alias`` (or ``models:/name/<n>``) points at now;
-    ``None`` for run and checkpoint URIs."""
-    if not model_uri.startswith("models:"):
-        return None
-    uri = tracking_uri(cfg.tracking)
-    return str(_registry_parts(model_uri, uri, _client(uri))[1])
-
-
 def _artifact_location(model_uri: str, uri: str) -> str:
     """Resolve a registry/run URI to the immutable artifact location it currently points at.
 

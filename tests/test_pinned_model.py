@@ -75,7 +75,6 @@ def test_an_alias_is_pinned_to_its_version_and_moving_it_changes_nothing(registr
     pinned = pin_model(f"models:/{name}@champion", cfg)
     assert (pinned.uri, pinned.mlflow_version, pinned.mlflow_run_id) == (f"models:/{name}/1", "1", run_id)
     move()
-    assert tracking.registry_version(f"models:/{name}@champion", cfg) == "2"
     # an actor started after the move still loads what the run was pinned to
     assert load_pinned(cfg, pinned, encoders=False).classnames == SCENE_CLASSES
     assert pin_model(f"models:/{name}@champion", cfg).mlflow_version == "2"  # a new run gets the new one

@@ -133,12 +133,12 @@ def test_stretch_comes_from_the_whole_scene_so_tiles_match(tmp_path):
 
 
 def test_multiband_16bit_scene_with_band_selection_and_a_real_model(tmp_path, tiny_config, learner_checkpoint):
-    from bimors.pipelines.inference import load_predictor
+    from bimors.pinned_model import load_pinned, pin_model
 
     write_synthetic_scene(tmp_path / "s2.tif", SCENE_CLASSES, (2, 3), block=64, bands=4, nodata_blocks=[(1, 2)])
     cfg = tiny_config.scene.model_copy(update={"tile_size": 64, "batch_size": 4,
                                                "decode": tiny_config.scene.decode.model_copy(update={"bands": [4, 2, 1]})})
-    predictor = load_predictor(tiny_config, str(learner_checkpoint))
+    predictor = load_pinned(tiny_config, pin_model(str(learner_checkpoint), tiny_config))
     result = classify_scene(str(tmp_path / "s2.tif"), str(tmp_path / "out"), predictor.predict_images,
                             predictor.classnames, cfg)
     assert (result.classified, result.nodata, result.errors) == (5, 1, 0)

@@ -93,7 +93,7 @@ def test_model_info(app):
 
 def test_tile_gives_top_k_and_a_caption_matching_the_library(app, tiny_config, learner_checkpoint):
     from bimors.data.tiles import tile_from_bytes
-    from bimors.pipelines.inference import load_predictor
+    from bimors.pinned_model import load_pinned, pin_model
 
     client, cfg, _ = app
     body = png(random_images(1, size=80, seed=3)[0])
@@ -102,7 +102,7 @@ def test_tile_gives_top_k_and_a_caption_matching_the_library(app, tiny_config, l
     probs = [t["probability"] for t in result["top"]]
     assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
     # the library's own path on the same bytes: same classes, same probabilities, same caption
-    predictor = load_predictor(tiny_config, str(learner_checkpoint))
+    predictor = load_pinned(tiny_config, pin_model(str(learner_checkpoint), tiny_config))
     expected, captions = predictor.predict_images([tile_from_bytes(body, cfg.data.decode, cfg.featurize.max_side)])
     order = np.argsort(-expected[0])[:3]
     assert [t["class"] for t in result["top"]] == [SCENE_CLASSES[i] for i in order]
@@ -269,7 +269,7 @@ def test_bounded_load_completes_without_5xx(app):
 def test_deployments_load_the_model_from_the_mlflow_registry(tiny_config, learner_checkpoint, mlflow_server):
     """What the classifier replica does at start-up with ``--model models:/name@alias``."""
     from bimors import tracking
-    from bimors.pipelines.inference import load_predictor
+    from bimors.pinned_model import load_pinned, pin_model
     from bimors.serve.app import build_app
 
     cfg = tiny_config.model_copy(update={"tracking": tiny_config.tracking.model_copy(update={
@@ -278,12 +278,12 @@ def test_deployments_load_the_model_from_the_mlflow_registry(tiny_config, learne
     version = tracking.register_model(cfg, run_id, str(learner_checkpoint))
     tracking.end_run(mlflow_server.uri, run_id)
 
-    predictor = load_predictor(cfg, "models:/scene-model@champion", encoders=False)
+    predictor = load_pinned(cfg, pin_model("models:/scene-model@champion", cfg), encoders=False)
     assert predictor.classnames == SCENE_CLASSES
-    assert tracking.registry_version("models:/scene-model@champion", cfg) == str(version)
-    assert tracking.registry_version(str(learner_checkpoint), cfg) is None
+    assert pin_model("models:/scene-model@champion", cfg).mlflow_version == str(version)
+    assert pin_model(str(learner_checkpoint), cfg).mlflow_version is None
     with pytest.raises(tracking.TrackingError, match="no alias 'gone'"):
-        load_predictor(cfg, "models:/scene-model@gone")
+        pin_model("models:/scene-model@gone", cfg)
     app = build_app({"config": str(REPO_CONFIG), "model": "models:/scene-model@champion",
                      "overrides": [f"tracking.uri={mlflow_server.uri}"]})
     assert type(app).__name__ == "Application"

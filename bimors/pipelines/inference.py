@@ -169,13 +169,5 @@ class Predictor:
         return self.classify_images(images, captioned), captions
 
 
-def load_predictor(cfg: Config, model_uri: str, device: torch.device | str = "cpu", encoders: bool = True) -> Predictor:
-    """``--model`` (``models:/name@alias``, ``runs:/...`` or a checkpoint URI) -> a Predictor for raw
-    tiles. Resolved where it runs: each node downloads registry models into its own cache."""
-    from bimors.tracking import resolve_checkpoint
-
-    return Predictor.from_checkpoint(cfg, resolve_checkpoint(model_uri, cfg), device, encoders=encoders)
-
-
 def _args(features: Features) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     return features.image_emb, features.visual_tokens, features.caption_emb
