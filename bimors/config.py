@@ -281,7 +281,6 @@ class SceneConfig(Section):
         2_000_000_000, gt=0, description="scenes with more pixels are refused (read in windows, so memory stays "
         "bounded whatever the size)"
     )
-    batch_size: int = Field(32, ge=1, description="tiles per model call")
     max_side: int = Field(512, ge=32, description="tiles larger than this are downscaled before the models")
     stats_max_side: int = Field(1024, ge=64, description="side of the overview read for the stretch statistics")
     gdal_cache_mb: int | None = Field(
@@ -293,8 +292,24 @@ class SceneConfig(Section):
         default_factory=lambda: [".tif", ".tiff", ".png", ".jpg", ".jpeg", ".jp2"],
         description="file endings the nightly job treats as scenes",
     )
+    read: StageConfig = Field(
+        StageConfig(batch_size=32, num_cpus=0.5), description="windowed reads (Ray Data actor pool; each actor "
+        "keeps its scenes open): tiles per call, actors, CPUs"
+    )
+    caption: StageConfig = Field(
+        StageConfig(batch_size=32), description="BLIP-2 + BERT caption embedding (actor pool; skipped for learners "
+        "that read no captions)"
+    )
     classify: StageConfig = Field(
-        StageConfig(batch_size=1), description="the nightly job's Ray Data actor pool (one scene per call)"
+        StageConfig(batch_size=32), description="CLIP + the prompt learner (actor pool); its batch_size is also the "
+        "tiles per model call of the in-process classify_scene"
+    )
+    writer_cpus: float = Field(
+        0.5, gt=0, description="CPUs of the task that writes a scene's outputs once all its tiles are classified"
+    )
+    startup_timeout_s: int = Field(
+        600, gt=0, description="how long a scene run waits for the smallest size of each pool to start (an "
+        "autoscaling cluster adding GPU nodes takes minutes) before it fails, saying so"
     )
 
     @model_validator(mode="after")
@@ -360,7 +375,6 @@ class ServeConfig(Section):
         "it gives up and says which one the cluster cannot place"
     )
     output: str = Field("outputs/serve", description="where scene jobs write their outputs and status")
-    scene_jobs: int = Field(2, ge=1, description="scenes one ingress replica classifies at a time")
     ingress: ReplicasConfig = ReplicasConfig(num_cpus=0.5)
     captioner: BatchedReplicasConfig = BatchedReplicasConfig()
     classifier: BatchedReplicasConfig = BatchedReplicasConfig(max_batch_size=32)

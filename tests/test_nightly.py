@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def nightly_config(tiny_config):
-    return tiny_config.model_copy(update={"scene": tiny_config.scene.model_copy(update={"tile_size": 64, "batch_size": 8})})
+    return tiny_config.model_copy(update={"scene": tiny_config.scene.model_copy(update={"tile_size": 64})})
 
 
 def make_scenes(folder: Path) -> None:

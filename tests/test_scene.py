@@ -72,7 +72,7 @@ def test_stride_larger_than_tile_is_refused():
 
 def test_class_map_lands_on_the_right_pixels_in_the_scene_crs(tmp_path):
     truth = level_scene(tmp_path / "scene.tif")
-    cfg = SceneConfig(tile_size=32, batch_size=5)
+    cfg = SceneConfig(tile_size=32, classify={"batch_size": 5})
     names = [f"level{i}" for i in range(LEVELS)]
     result = classify_scene(str(tmp_path / "scene.tif"), str(tmp_path / "out"), by_level, names, cfg)
 
@@ -111,7 +111,7 @@ def test_class_map_lands_on_the_right_pixels_in_the_scene_crs(tmp_path):
 
 def test_overlapping_tiles_each_own_their_nearest_pixels(tmp_path):
     level_scene(tmp_path / "scene.tif", grid=(3, 5), nodata_blocks=())
-    cfg = SceneConfig(tile_size=32, stride=20, batch_size=7)
+    cfg = SceneConfig(tile_size=32, stride=20, classify={"batch_size": 7})
     classify_scene(str(tmp_path / "scene.tif"), str(tmp_path / "out"), by_level, list("abcd"), cfg)
     with rasterio.open(tmp_path / "out" / "class_map.tif") as out:
         classes = out.read(1)
@@ -136,7 +136,7 @@ def test_multiband_16bit_scene_with_band_selection_and_a_real_model(tmp_path, ti
     from bimors.pinned_model import load_pinned, pin_model
 
     write_synthetic_scene(tmp_path / "s2.tif", SCENE_CLASSES, (2, 3), block=64, bands=4, nodata_blocks=[(1, 2)])
-    cfg = tiny_config.scene.model_copy(update={"tile_size": 64, "batch_size": 4,
+    cfg = tiny_config.scene.model_copy(update={"tile_size": 64, "classify": tiny_config.scene.classify.model_copy(update={"batch_size": 4}),
                                                "decode": tiny_config.scene.decode.model_copy(update={"bands": [4, 2, 1]})})
     predictor = load_pinned(tiny_config, pin_model(str(learner_checkpoint), tiny_config))
     result = classify_scene(str(tmp_path / "s2.tif"), str(tmp_path / "out"), predictor.predict_images,
@@ -171,7 +171,7 @@ def test_a_failing_batch_is_recorded_and_the_scene_finishes(tmp_path):
             raise RuntimeError("CUDA out of memory (simulated)")
         return by_level(images)
 
-    result = classify_scene(str(tmp_path / "scene.tif"), str(tmp_path / "out"), flaky, list("abcd"), SceneConfig(tile_size=32, batch_size=8))
+    result = classify_scene(str(tmp_path / "scene.tif"), str(tmp_path / "out"), flaky, list("abcd"), SceneConfig(tile_size=32, classify={"batch_size": 8}))
     assert (result.tiles, result.classified, result.errors) == (24, 16, 8)
     failed = [t for t in pq.read_table(tmp_path / "out" / "tiles.parquet").to_pylist() if t["status"] == "error"]
     assert len(failed) == 8 and all("out of memory" in t["error"] for t in failed)

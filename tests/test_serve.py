@@ -54,7 +54,7 @@ def app(ray_cluster, tiny_config, learner_checkpoint, tmp_path_factory, scene_di
     out = tmp_path_factory.mktemp("serve")
     small = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.25}
     cfg = tiny_config.model_validate(tiny_config.model_dump() | {
-        "scene": tiny_config.scene.model_dump() | {"tile_size": 64, "batch_size": 8},
+        "scene": tiny_config.scene.model_dump() | {"tile_size": 64},
         "storage": tiny_config.storage.model_dump() | {"endpoint_url": s3_server.endpoint_url, "region": REGION,
                                                       "key": FAKE_KEY, "secret": FAKE_SECRET},
         "serve": {"api_token": TOKEN, "max_upload_bytes": 200_000, "max_scene_pixels": 300 * 300, "output": str(out),

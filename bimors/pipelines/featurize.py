@@ -130,7 +130,7 @@ def _run(cfg: Config, todo: pa.Table, store: FeatureStore, summary: FeaturizeSum
     for stage_cls, stage in ((CaptionStage, fc.caption), (ClipStage, fc.clip)):
         ds = ds.map_batches(
             stage_cls,
-            fn_constructor_kwargs={"cfg": cfg},
+            fn_constructor_kwargs={"cfg": cfg, "num_gpus": stage.num_gpus},
             batch_size=stage.batch_size,
             batch_format="numpy",
             compute=actor_pool(stage),

@@ -23,14 +23,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bimors import storage
 from bimors.config import Config
 from bimors.console import Progress
-from bimors.pinned_model import PinnedModel, load_pinned, pin_model
+from bimors.pinned_model import PinnedModel, pin_model
 
 log = logging.getLogger(__name__)
 
@@ -157,51 +156,15 @@ def finished_keys(output_uri: str, cfg: Config) -> set[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# the Ray Data stage
-
-
-class SceneStage:
-    """One Predictor per actor; each call classifies whole scenes, recording failures per scene."""
-
-    def __init__(self, cfg: Config, model: PinnedModel):
-        from bimors.pipelines.stages import pick_device
-
-        self.cfg = cfg
-        self.model = model
-        self.predictor = load_pinned(cfg, model, pick_device(cfg.scene.classify.num_gpus))
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from bimors.pipelines.scene import classify_scene
-        from bimors.pipelines.stages import one_line
-
-        status, tiles, errors = [], [], []
-        for scene, output in zip(batch["scene"], batch["output"]):
-            try:
-                result = classify_scene(
-                    str(scene), str(output), self.predictor.predict_images, self.predictor.classnames,
-                    self.cfg.scene, self.cfg.storage, model=self.model.record(),
-                )
-                status.append("ok")
-                tiles.append(result.tiles)
-                errors.append("")
-            except Exception as err:  # noqa: BLE001 - a bad scene is recorded, the others go on
-                log.warning("scene %s failed: %s", scene, err)
-                status.append("error")
-                tiles.append(0)
-                errors.append(one_line(err))
-        return {**batch, "status": np.array(status, object), "tiles": np.array(tiles, np.int64), "error": np.array(errors, object)}
-
-
-# --------------------------------------------------------------------------------------------
 # the job
 
 
 def run_nightly(
     cfg: Config, input_uri: str, output_uri: str, model_uri: str, stac: str | None = None, retry_failed: bool = False
 ) -> NightlyReport:
-    import ray.data
-
-    from bimors.pipelines.runtime import actor_pool, ensure_ray
+    """Classify the scenes under ``input_uri`` that no earlier run finished (tiles through
+    :func:`~bimors.pipelines.scene_pipeline.classify_scenes`) and record every one in the manifest."""
+    from bimors.pipelines.scene_pipeline import SceneTask, classify_scenes
 
     started = time.perf_counter()
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
@@ -223,27 +186,27 @@ def run_nightly(
         pinned = pin_model(model_uri, cfg)  # once, here: a bad --model fails before any actor starts
         report.model_identity = pinned.record()
         log.info("nightly: model %s pinned to %s (%s)", model_uri, pinned.uri, pinned.digest)
-        ensure_ray()
-        stage = cfg.scene.classify
-        items = [{"scene": s, "key": k, "output": storage.join(output_uri, k)} for s, k in todo]
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            SceneStage,
-            fn_constructor_kwargs={"cfg": cfg, "model": pinned},
-            batch_size=stage.batch_size,
-            compute=actor_pool(stage),
-            num_cpus=stage.num_cpus,
-            num_gpus=stage.num_gpus or None,
-        )
-        rows = []
-        finished_at = datetime.now(timezone.utc).isoformat()
-        with Progress("nightly", len(todo), "scenes") as progress:
-            for row in ds.iter_rows():
+        keys = {s: k for s, k in todo}
+        tasks = [SceneTask(s, storage.join(output_uri, k)) for s, k in todo]
+        rows: list[dict[str, Any]] = []
+        tiles: list[Progress] = []  # made once the scenes are planned and their tiles counted
+
+        def on_tiles(done: int, total: int) -> None:
+            if not tiles:
+                tiles.append(Progress("tiles", total, "tiles"))
+            tiles[0].update(done - tiles[0].done)
+
+        with Progress("nightly", len(tasks), "scenes") as progress:
+            for outcome in classify_scenes(cfg, tasks, pinned, on_tiles=on_tiles):
                 rows.append({
-                    "scene": str(row["scene"]), "key": str(row["key"]), "status": str(row["status"]),
-                    "output": str(row["output"]), "tiles": int(row["tiles"]), "error": str(row["error"]) or None,
-                    "run_id": run_id, "finished_at": finished_at,
+                    "scene": outcome.task.uri, "key": keys[outcome.task.uri], "status": "ok" if outcome.ok else "error",
+                    "output": outcome.task.output, "tiles": outcome.result.tiles if outcome.result else 0,
+                    "error": outcome.error, "run_id": run_id, "finished_at": datetime.now(timezone.utc).isoformat(),
                 })
-                progress.update(1)
+                failed = sum(r["status"] == "error" for r in rows)
+                progress.update(1, f"{failed} failed" if failed else None)
+        for bar in tiles:
+            bar.close()
         _write_manifest(output_uri, run_id, rows, cfg, pinned)
         for row in rows:
             if row["status"] == "ok":

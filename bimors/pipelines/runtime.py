@@ -31,8 +31,12 @@ def ensure_ray() -> None:
 
 
 def actor_pool(stage: StageConfig):
-    """Ray Data compute strategy for a stage: a fixed pool, or an autoscaling one for ``[min, max]``."""
+    """Ray Data compute strategy for a stage: a fixed pool, or an autoscaling one for ``[min, max]``.
+
+    One batch in flight per actor: Ray Data's default queues several on an actor, and a queued
+    batch waits behind its actor's current one while another actor of the pool sits idle (with
+    few, large batches, as at the end of a scene, that left whole actors unused)."""
     import ray.data
 
     low, high = (stage.actors, stage.actors) if isinstance(stage.actors, int) else stage.actors
-    return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+    return ray.data.ActorPoolStrategy(min_size=low, max_size=high, max_tasks_in_flight_per_actor=1)

@@ -1,9 +1,14 @@
-"""Whole-scene inference: a scene of any size -> tiles -> the shared inference path -> outputs.
+"""Whole-scene inference, the parts: plan a scene, cut it into tiles, read a tile, write the outputs.
 
-Memory stays bounded whatever the scene size: tiles are read as windows (a batch at a time), the
-stretch statistics come from one decimated overview read, and the class map is written into a
-tiled GeoTIFF as tiles are classified. Every pixel belongs to exactly one tile (the one whose
+A scene is planned once (:func:`plan_scene`: size, bands, georeferencing and the stretch from one
+decimated overview read), cut into :func:`tile_rows`, each tile read as a window
+(:func:`read_tile_row`), classified, and the outputs written from the tile rows alone
+(:func:`write_scene`): a row holds the tile's class and its owned-pixels mask, never pixels, so
+memory stays bounded whatever the scene size. Every pixel belongs to exactly one tile (the one whose
 centre is nearest), so overlapping tiles (``stride < tile_size``) never fight over a pixel.
+
+:mod:`bimors.pipelines.scene_pipeline` runs these parts as a Ray Data pipeline (the nightly job and
+the endpoint's scene jobs); :func:`classify_scene` runs them in one process.
 
 Outputs, in ``<output>/``:
 
@@ -25,13 +30,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import rasterio
 import rasterio.shutil
+from affine import Affine
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
@@ -43,8 +49,8 @@ from bimors.data.manifest import tile_id
 from bimors.data.tiles import fit_within
 from bimors.errors import BimorsError
 
-#: Tiles -> ([N, C] probabilities, N captions). ``Predictor.predict_images`` locally; the endpoint
-#: passes a function that calls its captioner and classifier deployments.
+#: Tiles -> ([N, C] probabilities, N captions), for :func:`classify_scene`: ``Predictor.predict_images``
+#: or, in tests, an oracle.
 ClassifyFn = Callable[[list[np.ndarray]], tuple[np.ndarray, list[str]]]
 
 NODATA = 255  # class and confidence value of pixels with no data (class indices are < 255)
@@ -125,20 +131,53 @@ def tile_grid(height: int, width: int, cfg: SceneConfig) -> list[GridTile]:
 
 
 # --------------------------------------------------------------------------------------------
-# reading
+# planning and reading
+
+
+@dataclass(frozen=True)
+class ScenePlan:
+    """What every stage needs to know about a scene, found once on the driver: its size, the bands
+    to read, the scene-wide stretch (from one overview read) and the georeferencing of the outputs.
+    Small and picklable: tiles travel with a scene index into a table of plans, never with pixels."""
+
+    uri: str
+    height: int
+    width: int
+    indexes: tuple[int, ...]
+    limits: Limits | None
+    crs: str | None  # WKT; None: not georeferenced (pixel coordinates)
+    transform: tuple[float, ...] | None  # affine (a, b, c, d, e, f); None: not georeferenced
+
+    def grid(self, cfg: SceneConfig) -> list[GridTile]:
+        return tile_grid(self.height, self.width, cfg)
+
+    @property
+    def affine(self) -> Affine:
+        return Affine(*self.transform) if self.transform else Affine.identity()
+
+    def bounds(self, window: Window) -> tuple[float, float, float, float]:
+        """(minx, miny, maxx, maxy) of a window in the scene CRS (pixel coordinates if it has none)."""
+        left, bottom, right, top = rasterio.windows.bounds(window, self.affine)
+        return min(left, right), min(bottom, top), max(left, right), max(bottom, top)
 
 
 class SceneReader:
     """A raster opened for windowed reads from a local path or any fsspec URL (rasterio/GDAL reads
-    the byte ranges it needs through fsspec, so a COG on S3 is never downloaded whole)."""
+    the byte ranges it needs through fsspec, so a COG on S3 is never downloaded whole).
 
-    def __init__(self, uri: str, cfg: SceneConfig, storage_cfg: StorageConfig | None = None, max_pixels: int | None = None):
+    Opened without a ``plan`` it checks the scene and computes the stretch (planning); opened with
+    one (a read actor) it reuses the plan's stretch, so every tile of a scene gets the same colours."""
+
+    def __init__(
+        self, uri: str, cfg: SceneConfig, storage_cfg: StorageConfig | None = None, max_pixels: int | None = None,
+        plan: ScenePlan | None = None,
+    ):
         self.uri = uri
         self.cfg = cfg
         try:
             if storage.is_remote(uri):
                 fs, path = storage.filesystem(uri, storage_cfg)
-                if not fs.exists(path):
+                if plan is None and not fs.exists(path):
                     raise FileNotFoundError(path)
                 self.dataset = rasterio.open(path, opener=fs)
             else:
@@ -163,12 +202,15 @@ class SceneReader:
             ds.close()
             raise SceneError(f"{uri}: {err}") from None
         self._selected = cfg.decode.model_copy(update={"bands": None})  # read() already picked the bands
-        self.limits = self._scene_limits()
+        self.limits = plan.limits if plan is not None else self._scene_limits()
 
     def __enter__(self) -> "SceneReader":
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
         self.dataset.close()
 
     @property
@@ -178,6 +220,14 @@ class SceneReader:
     @property
     def width(self) -> int:
         return self.dataset.width
+
+    def plan(self) -> ScenePlan:
+        src = self.dataset
+        georeferenced = src.crs is not None or not src.transform.is_identity
+        return ScenePlan(
+            self.uri, src.height, src.width, tuple(self.indexes), self.limits,
+            src.crs.to_wkt() if src.crs else None, tuple(src.transform)[:6] if georeferenced else None,
+        )
 
     def read(self, window: Window | None = None, out_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Selected bands ``(3, h, w)`` and the mask of pixels holding data ``(h, w)``."""
@@ -201,10 +251,17 @@ class SceneReader:
         values, valid = self.read(out_shape=shape)
         return stretch_limits(values, self._selected, valid)
 
-    def bounds(self, window: Window) -> tuple[float, float, float, float]:
-        """(minx, miny, maxx, maxy) of a window in the scene CRS (pixel coordinates if it has none)."""
-        left, bottom, right, top = rasterio.windows.bounds(window, self.dataset.transform)
-        return min(left, right), min(bottom, top), max(left, right), max(bottom, top)
+
+def plan_scene(uri: str, cfg: SceneConfig, storage_cfg: StorageConfig | None = None, max_pixels: int | None = None) -> ScenePlan:
+    """Open the scene, check it (readable, size, bands) and compute its stretch; raises
+    :class:`SceneError` or ``StorageError`` for a scene that cannot be classified at all."""
+    with gdal_env(cfg), SceneReader(uri, cfg, storage_cfg, max_pixels) as reader:
+        return reader.plan()
+
+
+def gdal_env(cfg: SceneConfig) -> rasterio.Env:
+    """GDAL settings while scenes are read or written: a bounded block cache (see ``gdal_cache_mb``)."""
+    return rasterio.Env(**({"GDAL_CACHEMAX": cfg.gdal_cache_mb * 2**20} if cfg.gdal_cache_mb else {}))
 
 
 def _first_line(err: BaseException) -> str:
@@ -212,7 +269,55 @@ def _first_line(err: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# classifying
+# tiles: what flows through the stages (one row per tile; pixels only between read and classify)
+
+
+def tile_rows(plan: ScenePlan, cfg: SceneConfig, scene: int = 0) -> list[dict[str, Any]]:
+    """One row per grid tile of a planned scene: where it is and which pixels it owns; ``scene`` is
+    the plan's index in the run."""
+    rows = []
+    for tile in plan.grid(cfg):
+        w = tile.window
+        window = (int(w.col_off), int(w.row_off), int(w.width), int(w.height))
+        rows.append({
+            "scene": scene, "tile_id": tile_id(plan.uri, window),
+            "row_off": window[1], "col_off": window[0], "height": window[3], "width": window[2],
+            **dict(zip(("minx", "miny", "maxx", "maxy"), plan.bounds(w))),
+            "owned": list(tile.owned),
+        })
+    return rows
+
+
+def read_tile_row(reader: SceneReader, row: dict[str, Any], max_side: int) -> tuple[np.ndarray | None, bytes, str, str]:
+    """Read one tile: (uint8 RGB or None, its owned-pixels mask, stage, error).
+
+    ``stage`` is "" for a tile to classify, ``nodata`` for one without data, ``read`` when the
+    window could not be read. The mask covers the pixels the tile owns, bit-packed, and is empty
+    when they all hold data (the common case), so a row stays small after the pixels are dropped."""
+    window = Window(row["col_off"], row["row_off"], row["width"], row["height"])
+    try:
+        values, valid = reader.read(window)
+    except RasterioError as err:
+        return None, b"", "read", _first_line(err)
+    if not valid.any():
+        return None, b"", "nodata", ""
+    r0, r1, c0, c1 = (int(v) for v in row["owned"])
+    owned = valid[r0 - row["row_off"] : r1 - row["row_off"], c0 - row["col_off"] : c1 - row["col_off"]]
+    mask = b"" if owned.all() else np.packbits(owned).tobytes()
+    return fit_within(reader.rgb(values, valid), max_side), mask, "", ""
+
+
+def owned_mask(row: dict[str, Any]) -> np.ndarray:
+    """The owned-pixels mask of a tile row, unpacked (all True when the row carries none)."""
+    r0, r1, c0, c1 = (int(v) for v in row["owned"])
+    shape = (r1 - r0, c1 - c0)
+    if not row.get("mask"):
+        return np.ones(shape, bool)
+    return np.unpackbits(np.frombuffer(row["mask"], np.uint8), count=shape[0] * shape[1]).astype(bool).reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# classifying in this process (the nightly job and the endpoint use bimors.pipelines.scene_pipeline)
 
 
 @dataclass
@@ -245,132 +350,124 @@ def classify_scene(
     progress: Callable[[int, int], None] | None = None,
     model: dict[str, Any] | None = None,
 ) -> SceneResult:
-    """Classify every tile of a scene and write the outputs under ``output_uri``; ``model`` (the
-    run's :meth:`~bimors.pinned_model.PinnedModel.record`) goes into summary.json and the Parquet.
+    """Classify every tile of a scene in this process, ``cfg.classify.batch_size`` tiles per
+    ``classify`` call, and write the outputs under ``output_uri``.
 
-    A tile that cannot be read or classified is recorded (status ``error``) and the rest go on;
-    a scene that cannot be opened at all raises :class:`SceneError` or ``StorageError``."""
+    The same plan, window reads and output writer as the distributed path, for a single process
+    (tests with an oracle classifier, the memory benchmark, a notebook). A tile that cannot be read
+    or classified is recorded (status ``error``) and the rest go on; a scene that cannot be opened
+    at all raises :class:`SceneError` or ``StorageError``."""
+    check_classes(classnames)
+    started = time.time()
+    plan = plan_scene(scene_uri, cfg, storage_cfg, max_pixels)
+    rows = tile_rows(plan, cfg)
+    size = cfg.classify.batch_size
+    with gdal_env(cfg), SceneReader(scene_uri, cfg, storage_cfg, max_pixels, plan=plan) as reader:
+        for i in range(0, len(rows), size):
+            batch = rows[i : i + size]
+            images = []
+            for row in batch:
+                image, row["mask"], row["stage"], row["error"] = read_tile_row(reader, row, cfg.max_side)
+                if image is not None:
+                    images.append(image)
+            pending = [row for row in batch if not row["stage"]]
+            if pending:
+                try:
+                    probs, captions = classify(images)
+                except Exception as err:  # noqa: BLE001 - one failing batch is recorded, the scene goes on
+                    for row in pending:
+                        row.update(stage="classify", error=f"{type(err).__name__}: {_first_line(err)}")
+                else:
+                    for row, p, caption in zip(pending, probs, captions, strict=True):
+                        best = int(p.argmax())
+                        row.update(class_index=best, probability=float(p[best]), caption=caption)
+            if progress:
+                progress(min(i + size, len(rows)), len(rows))
+    return write_scene(plan, rows, output_uri, classnames, cfg, storage_cfg, model or {}, started=started)
+
+
+def check_classes(classnames: Sequence[str]) -> None:
     if len(classnames) > MAX_CLASSES - 1:
         raise SceneError(f"at most {MAX_CLASSES - 1} classes fit a uint8 class map, got {len(classnames)}")
-    cache = {"GDAL_CACHEMAX": cfg.gdal_cache_mb * 2**20} if cfg.gdal_cache_mb else {}
-    with rasterio.Env(**cache):
-        return _classify_scene(scene_uri, output_uri, classify, classnames, cfg, storage_cfg, max_pixels, progress, model or {})
 
 
-def _classify_scene(
-    scene_uri: str,
+def write_scene(
+    plan: ScenePlan,
+    rows: Sequence[dict[str, Any]],
     output_uri: str,
-    classify: ClassifyFn,
     classnames: Sequence[str],
     cfg: SceneConfig,
-    storage_cfg: StorageConfig | None,
-    max_pixels: int | None,
-    progress: Callable[[int, int], None] | None,
-    model: dict[str, Any],
+    storage_cfg: StorageConfig | None = None,
+    model: dict[str, Any] | None = None,
+    started: float | None = None,
 ) -> SceneResult:
-    started = time.perf_counter()
-    with SceneReader(scene_uri, cfg, storage_cfg, max_pixels) as reader, tempfile.TemporaryDirectory(prefix="bimors-scene-") as tmp:
-        work = Path(tmp)
-        grid = tile_grid(reader.height, reader.width, cfg)
-        rows: list[dict[str, object]] = []
-        with _class_map(work / "raw.tif", reader, classnames) as class_map:
-            for batch in _batches(grid, cfg.batch_size):
-                rows.extend(_classify_batch(batch, reader, classify, classnames, cfg, class_map))
-                if progress:
-                    progress(len(rows), len(grid))
-        _to_cog(work / "raw.tif", work / "class_map.tif")
-        crs = reader.dataset.crs
-        schema = TILE_SCHEMA.with_metadata({
-            "crs": crs.to_string() if crs else "", "class_names": json.dumps(list(classnames)), "scene": scene_uri,
-            "model": json.dumps(model),
-        })
-        pq.write_table(pa.Table.from_pylist([{**r, "scene": scene_uri} for r in rows], schema=schema), work / "tiles.parquet")
-        _preview(work / "class_map.tif", work / "preview.png", classnames, cfg, scene_uri)
+    """Every tile row of a scene (classified, nodata or failed) -> the outputs under
+    ``output_uri``, ``summary.json`` last (its presence means the scene is finished); ``started``
+    (wall clock) is when work on the scene began, for the summary's ``seconds``.
 
-        statuses = [r["status"] for r in rows]
+    Rows carry ``stage`` ("" classified, ``nodata``, else where it failed), ``error``, and for
+    classified tiles ``class_index``, ``probability``, ``caption`` and ``mask``. Only rows are
+    needed, never pixels: the class map is painted from each tile's class and owned mask."""
+    started = time.time() if started is None else started
+    model = model or {}
+    rows = sorted(rows, key=lambda r: (r["row_off"], r["col_off"]))
+    with gdal_env(cfg), tempfile.TemporaryDirectory(prefix="bimors-scene-") as tmp:
+        work = Path(tmp)
+        with _class_map(work / "raw.tif", plan, classnames) as class_map:
+            for row in rows:
+                if not row.get("stage"):
+                    _paint(class_map, row)
+        _to_cog(work / "raw.tif", work / "class_map.tif")
+        records = [_tile_record(row, plan.uri, classnames) for row in rows]
+        schema = TILE_SCHEMA.with_metadata({
+            "crs": rasterio.crs.CRS.from_wkt(plan.crs).to_string() if plan.crs else "",
+            "class_names": json.dumps(list(classnames)), "scene": plan.uri, "model": json.dumps(model),
+        })
+        pq.write_table(pa.Table.from_pylist(records, schema=schema), work / "tiles.parquet")
+        _preview(work / "class_map.tif", work / "preview.png", classnames, cfg, plan.uri)
+
+        statuses = [r["status"] for r in records]
         histogram: dict[str, int] = {}
-        for r in rows:
+        for r in records:
             if r["status"] == "ok":
                 histogram[str(r["class_name"])] = histogram.get(str(r["class_name"]), 0) + 1
         result = SceneResult(
-            scene=scene_uri,
-            output=output_uri,
-            width=reader.width,
-            height=reader.height,
-            tiles=len(rows),
-            classified=statuses.count("ok"),
-            nodata=statuses.count("nodata"),
-            errors=statuses.count("error"),
-            classes=dict(sorted(histogram.items(), key=lambda kv: -kv[1])),
-            model=model,
+            scene=plan.uri, output=output_uri, width=plan.width, height=plan.height, tiles=len(records),
+            classified=statuses.count("ok"), nodata=statuses.count("nodata"), errors=statuses.count("error"),
+            classes=dict(sorted(histogram.items(), key=lambda kv: -kv[1])), model=model,
         )
         for name in ("class_map.tif", "tiles.parquet", "preview.png"):
             target = storage.join(output_uri, name)
             storage.put_file(work / name, target, storage_cfg)
             result.outputs[name.split(".")[0]] = target
         result.outputs["summary"] = storage.join(output_uri, "summary.json")
-        result.seconds = round(time.perf_counter() - started, 3)
+        result.seconds = round(time.time() - started, 3)
         storage.write_bytes(result.outputs["summary"], result.to_json().encode(), storage_cfg)
     return result
 
 
-def _batches(items: Sequence[GridTile], size: int) -> Iterator[Sequence[GridTile]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def _tile_record(row: dict[str, Any], scene_uri: str, classnames: Sequence[str]) -> dict[str, Any]:
+    stage = row.get("stage") or ""
+    record = {name: row[name] for name in ("tile_id", "row_off", "col_off", "height", "width", "minx", "miny", "maxx", "maxy")}
+    record.update(scene=scene_uri, class_index=None, class_name=None, probability=None, caption=None, error=None)
+    if not stage:
+        index = int(row["class_index"])
+        record.update(status="ok", class_index=index, class_name=classnames[index],
+                      probability=float(row["probability"]), caption=str(row.get("caption") or ""))
+    elif stage == "nodata":
+        record["status"] = "nodata"
+    else:
+        record.update(status="error", error=f"{stage}: {row.get('error') or ''}")
+    return record
 
 
-def _classify_batch(
-    batch: Sequence[GridTile],
-    reader: SceneReader,
-    classify: ClassifyFn,
-    classnames: Sequence[str],
-    cfg: SceneConfig,
-    class_map: "rasterio.io.DatasetWriter",
-) -> list[dict[str, object]]:
-    rows: list[dict[str, object]] = []
-    images: list[np.ndarray] = []
-    pending: list[tuple[dict[str, object], GridTile, np.ndarray]] = []
-    for tile in batch:
-        w = tile.window
-        row: dict[str, object] = {
-            "tile_id": tile_id(reader.uri, (int(w.col_off), int(w.row_off), int(w.width), int(w.height))),
-            "row_off": int(w.row_off), "col_off": int(w.col_off), "height": int(w.height), "width": int(w.width),
-            **dict(zip(("minx", "miny", "maxx", "maxy"), reader.bounds(w))),
-            "status": "ok", "class_index": None, "class_name": None, "probability": None, "caption": None, "error": None,
-        }
-        rows.append(row)
-        try:
-            values, valid = reader.read(w)
-        except RasterioError as err:
-            row.update(status="error", error=f"read: {_first_line(err)}")
-            continue
-        if not valid.any():
-            row["status"] = "nodata"
-            continue
-        images.append(fit_within(reader.rgb(values, valid), cfg.max_side))
-        pending.append((row, tile, valid))
-    if pending:
-        try:
-            probs, captions = classify(images)
-        except Exception as err:  # noqa: BLE001 - one failing batch is recorded, the scene goes on
-            for row, _, _ in pending:
-                row.update(status="error", error=f"classify: {type(err).__name__}: {_first_line(err)}")
-            return rows
-        for (row, tile, valid), p, caption in zip(pending, probs, captions, strict=True):
-            best = int(p.argmax())
-            row.update(class_index=best, class_name=classnames[best], probability=float(p[best]), caption=caption)
-            _write_owned(class_map, tile, valid, best, float(p[best]))
-    return rows
-
-
-def _write_owned(class_map: "rasterio.io.DatasetWriter", tile: GridTile, valid: np.ndarray, index: int, probability: float) -> None:
-    """Fill the part of the scene this tile owns; pixels without data stay nodata."""
-    r0, r1, c0, c1 = tile.owned
-    w = tile.window
-    mask = valid[r0 - int(w.row_off) : r1 - int(w.row_off), c0 - int(w.col_off) : c1 - int(w.col_off)]
-    confidence = np.uint8(min(100, round(probability * 100)))
+def _paint(class_map: "rasterio.io.DatasetWriter", row: dict[str, Any]) -> None:
+    """Fill the part of the scene a classified tile owns; pixels without data stay nodata."""
+    r0, r1, c0, c1 = (int(v) for v in row["owned"])
+    mask = owned_mask(row)
+    confidence = np.uint8(min(100, round(float(row["probability"]) * 100)))
     bands = np.full((2, *mask.shape), NODATA, np.uint8)
-    bands[0][mask] = index
+    bands[0][mask] = int(row["class_index"])
     bands[1][mask] = confidence
     class_map.write(bands, window=Window(c0, r0, c1 - c0, r1 - r0))
 
@@ -379,15 +476,13 @@ def _write_owned(class_map: "rasterio.io.DatasetWriter", tile: GridTile, valid: 
 # outputs
 
 
-def _class_map(path: Path, reader: SceneReader, classnames: Sequence[str]) -> "rasterio.io.DatasetWriter":
-    src = reader.dataset
-    georeferenced = src.crs is not None or not src.transform.is_identity
+def _class_map(path: Path, plan: ScenePlan, classnames: Sequence[str]) -> "rasterio.io.DatasetWriter":
     out = rasterio.open(
-        path, "w", driver="GTiff", width=src.width, height=src.height, count=2, dtype="uint8",
+        path, "w", driver="GTiff", width=plan.width, height=plan.height, count=2, dtype="uint8",
         nodata=NODATA, tiled=True, blockxsize=256, blockysize=256, compress="deflate", BIGTIFF="IF_SAFER",
-        **({"crs": src.crs, "transform": src.transform} if georeferenced else {}),
+        **({"crs": rasterio.crs.CRS.from_wkt(plan.crs) if plan.crs else None, "transform": plan.affine} if plan.transform else {}),
     )
-    out.update_tags(class_names=json.dumps(list(classnames)), source=reader.uri, software="bimors")
+    out.update_tags(class_names=json.dumps(list(classnames)), source=plan.uri, software="bimors")
     out.update_tags(1, **{f"CLASS_{i}": name for i, name in enumerate(classnames)})
     out.set_band_description(1, "class")
     out.set_band_description(2, "confidence_percent")

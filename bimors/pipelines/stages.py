@@ -1,7 +1,12 @@
-"""Ray Data stages of the featurize pipeline. Each works on a batch of rows (numpy format) and never
-fails the batch for one bad tile: the tile gets ``error``/``stage`` set and later stages skip it.
+"""Ray Data stages of the featurize and scene pipelines. Each works on a batch of rows (numpy
+format) and never fails the batch for one bad tile: the tile gets ``error``/``stage`` set and later
+stages skip it.
 
-Rows carry the manifest columns plus ``image`` (uint8 HWC), ``error`` and ``stage`` ("" when fine).
+Rows carry ``tile_id``, ``image`` (uint8 HWC), ``error`` and ``stage`` ("" when fine; a scene tile
+without data has stage ``nodata`` and no error), plus the manifest or tile-grid columns. The model
+stages call :class:`~bimors.pipelines.inference.CaptionModels` and
+:class:`~bimors.pipelines.inference.Predictor` (or the backbone behind it), so featurize, the nightly
+job and the endpoint encode a tile with the same code.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from bimors.data.tiles import read_tile
 from bimors.storage import StorageError
 
 if TYPE_CHECKING:
+    from bimors.pinned_model import PinnedModel
     from bimors.pipelines.feature_store import FeatureStore
 
 Batch = dict[str, np.ndarray]
@@ -83,7 +89,7 @@ def decode_batch(batch: Batch, decode_cfg: DecodeConfig, storage_cfg: StorageCon
 
 
 def _healthy(batch: Batch) -> list[int]:
-    return [i for i, err in enumerate(batch["error"]) if not err]
+    return [i for i, (err, stage) in enumerate(zip(batch["error"], batch["stage"])) if not err and not stage]
 
 
 def _record(batch: Batch, index: int, stage: str, err: BaseException) -> None:
@@ -94,10 +100,10 @@ def _record(batch: Batch, index: int, stage: str, err: BaseException) -> None:
 class CaptionStage:
     """BLIP-2 caption + BERT caption embedding, one model pair per actor."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, num_gpus: float = 0.0):
         from bimors.pipelines.inference import CaptionModels
 
-        models = CaptionModels(cfg, pick_device(cfg.featurize.caption.num_gpus))
+        models = CaptionModels(cfg, pick_device(num_gpus))
         self.captioner, self.encoder = models.captioner, models.encoder
 
     def __call__(self, batch: Batch) -> Batch:
@@ -127,10 +133,10 @@ class CaptionStage:
 class ClipStage:
     """Frozen CLIP image tower: normalised embedding and (optionally) the visual tokens."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, num_gpus: float = 0.0):
         from bimors.models.clip_backbone import FrozenCLIP
 
-        self.backbone = FrozenCLIP.load(cfg.model.backbone, cfg.storage, pick_device(cfg.featurize.clip.num_gpus))
+        self.backbone = FrozenCLIP.load(cfg.model.backbone, cfg.storage, pick_device(num_gpus))
         self.keep_tokens = cfg.featurize.visual_tokens
 
     def _encode(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -157,6 +163,43 @@ class ClipStage:
         if tokens is not None:
             batch["visual_tokens"] = tokens
         del batch["image"]  # pixels are not stored; dropping them here keeps the writer's input small
+        return batch
+
+
+class ClassifyStage:
+    """CLIP + the pinned prompt learner (:meth:`Predictor.classify_images`): the best class and its
+    probability per tile, from the pixels and, for learners that read them, the caption embeddings
+    of the caption stage. Drops the pixels: what leaves this stage is small."""
+
+    def __init__(self, cfg: Config, model: "PinnedModel", num_gpus: float = 0.0):
+        from bimors.pinned_model import load_pinned
+
+        self.predictor = load_pinned(cfg, model, pick_device(num_gpus), encoders=False)
+
+    def _classify(self, batch: Batch, rows: list[int]) -> list[np.ndarray]:
+        from bimors.pipelines.inference import Captioned
+
+        captioned = None
+        if self.predictor.needs_captions:
+            embeddings = torch.from_numpy(np.stack([batch["caption_emb"][i] for i in rows]))
+            captioned = Captioned([str(batch["caption"][i]) for i in rows], embeddings)
+        return list(self.predictor.classify_images([batch["image"][i] for i in rows], captioned))
+
+    def __call__(self, batch: Batch) -> Batch:
+        n = len(batch["tile_id"])
+        class_index = np.full(n, -1, np.int16)
+        probability = np.zeros(n, np.float32)
+        rows = _healthy(batch)
+        for i, result in zip(rows, run_isolated(lambda part: self._classify(batch, part), rows)):
+            if isinstance(result, BaseException):
+                _record(batch, i, "classify", result)
+                continue
+            class_index[i] = int(result.argmax())
+            probability[i] = float(result[class_index[i]])
+        batch["class_index"] = class_index
+        batch["probability"] = probability
+        del batch["image"]
+        batch.pop("caption_emb", None)
         return batch
 
 
