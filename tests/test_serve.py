@@ -316,3 +316,126 @@ def test_serve_workflow_refuses_a_bad_model_before_starting_anything(tmp_path):
     done = subprocess.run([sys.executable, str(REPO_CONFIG.parents[1] / "workflows" / "serve.py"), "--config", str(REPO_CONFIG),
                            "--model", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "not a learner checkpoint" in done.stderr and "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# scene jobs are Ray work of their own: they outlive the ingress replica, and a dead runner is reported
+
+
+def submit_scene(client: httpx.Client, scene_dir: Path, name: str, grid=(4, 4)) -> dict:
+    write_synthetic_scene(scene_dir / name, SCENE_CLASSES, grid, block=64, bands=3, dtype="uint8", seed=5)
+    submitted = client.post("/classify/scene", json={"url": str(scene_dir / name)})
+    assert submitted.status_code == 202, submitted.text
+    return submitted.json()
+
+
+def poll(client: httpx.Client, job: dict, until, timeout: float = 240) -> dict:
+    """Poll the job until ``until(status)``, riding out the 5xx and dropped connections of an
+    ingress replica being replaced."""
+    deadline = time.monotonic() + timeout
+    status: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            response = client.get(f"/jobs/{job['job_id']}")
+            if response.status_code == 200:
+                status = response.json()
+                if until(status):
+                    return status
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"job {job['job_id']}: condition not met within {timeout} s; last status {status}")
+
+
+def test_a_scene_job_outlives_the_ingress_replica_that_accepted_it(app, scene_dir):
+    import ray
+
+    client, _, _ = app
+    job = submit_scene(client, scene_dir, "outlives-ingress.tif")
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "BimorsAPI" in a["name"]]
+    assert len(replicas) == 1, replicas
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+    done = poll(client, job, lambda s: s["state"] in ("done", "failed"))
+    assert done["state"] == "done", done
+    assert (done["tiles"], done["classified"]) == (16, 16)
+    replaced = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "BimorsAPI" in a["name"]]
+    assert replaced and replaced != [replicas[0]["name"]]  # a new replica answered the polls
+
+
+def test_a_job_whose_runner_died_is_reported_failed_with_the_reason(app, scene_dir):
+    import ray
+
+    from bimors.serve.scene_jobs import NAMESPACE, runner_name
+
+    client, _, _ = app
+    job = submit_scene(client, scene_dir, "runner-dies.tif", grid=(4, 4))
+    running = poll(client, job, lambda s: s["state"] == "running")
+    assert running.get("tiles_done", 0) < 16
+    ray.kill(ray.get_actor(runner_name(job["job_id"]), namespace=NAMESPACE))
+    failed = poll(client, job, lambda s: s["state"] != "running", timeout=60)
+    assert failed["state"] == "failed" and "runner stopped" in failed["error"], failed
+    assert client.get(f"/jobs/{job['job_id']}").json()["state"] == "failed"  # recorded, not guessed again
+
+
+def test_a_tile_gets_the_same_caption_class_and_probability_on_every_path(app, scene_dir, tmp_path, learner_checkpoint):
+    """featurize + evaluation, the nightly job, the endpoint's tile route and its scene jobs all run
+    the same stage code (CaptionModels, Predictor) on the same pixels."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bimors.data.manifest import MANIFEST_SCHEMA, tile_id
+    from bimors.pipelines.evaluate import predict_rows
+    from bimors.pipelines.feature_store import FeatureStore
+    from bimors.pipelines.featurize import featurize_manifest
+    from bimors.pipelines.nightly import run_nightly
+
+    client, cfg, _ = app
+    classes = client.get("/model").json()["classes"]
+    write_synthetic_scene(scene_dir / "same.tif", SCENE_CLASSES, (1, 3), block=64, bands=3, dtype="uint8", seed=11)
+    with rasterio.open(scene_dir / "same.tif") as ds:
+        pixels = ds.read()
+    (tmp_path / "tiles").mkdir()
+    uris = []
+    for i in range(3):  # the scene's three tiles as the files a labelled dataset would hold
+        uris.append(str(tmp_path / "tiles" / f"{i}.png"))
+        Path(uris[-1]).write_bytes(png(np.ascontiguousarray(pixels[:, :, 64 * i : 64 * (i + 1)].transpose(1, 2, 0))))
+
+    # featurize + evaluation
+    small = {"actors": 1, "num_cpus": 0.25}
+    fcfg = cfg.model_validate(cfg.model_dump() | {"featurize": cfg.featurize.model_dump() | {
+        "scope": "all", "decode": small | {"batch_size": 4}, "caption": small | {"batch_size": 4}, "clip": small | {"batch_size": 4}}})
+    manifest = pa.table({"tile_id": [tile_id(u) for u in uris], "uri": uris, "dataset": ["same"] * 3, "split": ["test"] * 3,
+                         "label": [0] * 3, "classname": [classes[0]] * 3}, schema=MANIFEST_SCHEMA)
+    store = FeatureStore(str(tmp_path / "store"), cfg.storage)
+    assert featurize_manifest(fcfg, store, manifest).stored == 3
+    features = store.features()
+    predicted = predict_rows(fcfg, str(learner_checkpoint), classes, features).to_pylist()
+    by_id = {row["tile_id"]: row for row in predicted}
+    captions = dict(zip(features["tile_id"].to_pylist(), features["caption"].to_pylist()))
+    evaluation = [(classes[by_id[tile_id(u)]["prediction"]], by_id[tile_id(u)]["probability"], captions[tile_id(u)]) for u in uris]
+
+    # the nightly job
+    (tmp_path / "night").mkdir()
+    (tmp_path / "night" / "same.tif").write_bytes((scene_dir / "same.tif").read_bytes())
+    assert run_nightly(cfg, str(tmp_path / "night"), str(tmp_path / "products"), str(learner_checkpoint)).classified == 1
+
+    def from_parquet(path) -> list[tuple]:
+        rows = sorted(pq.read_table(path).to_pylist(), key=lambda r: r["col_off"])
+        return [(r["class_name"], r["probability"], r["caption"]) for r in rows]
+
+    nightly = from_parquet(tmp_path / "products" / "same" / "tiles.parquet")
+
+    # the endpoint: a tile at a time, and the scene as a job
+    endpoint_tiles = []
+    for uri in uris:
+        answer = client.post("/classify/tile?top_k=1", content=Path(uri).read_bytes()).json()
+        endpoint_tiles.append((answer["top"][0]["class"], answer["top"][0]["probability"], answer["caption"]))
+    job = client.post("/classify/scene", json={"url": str(scene_dir / "same.tif")}).json()
+    done = wait_for(client, job)
+    assert done["state"] == "done", done
+    endpoint_scene = from_parquet(done["outputs"]["tiles"])
+
+    for path in (nightly, endpoint_tiles, endpoint_scene):
+        assert [(c, cap) for c, _, cap in path] == [(c, cap) for c, _, cap in evaluation]
+        assert np.allclose([p for _, p, _ in path], [p for _, p, _ in evaluation], atol=1e-5)
+    assert all(caption for _, _, caption in evaluation)  # BiMoRS reads captions: they were made

@@ -9,9 +9,10 @@ Routes (all but ``/health`` need ``Authorization: Bearer <token>`` when a token 
                                         URLs only under ``serve.scene_sources`` (else 403)
 * ``GET  /jobs/{job_id}``               the job's state, progress and, when done, its outputs
 
-Scene jobs run in a thread pool on the ingress replica and send their tiles through the same two
-deployments as single tiles do, so they batch with everything else. Job status lives in object
-storage (``serve.output``/jobs/<id>/status.json), so any ingress replica can answer a poll.
+A scene job is Ray work of its own (:mod:`bimors.serve.scene_jobs`): a detached runner drives the
+nightly job's tile pipeline for that scene, so a restarted or replaced ingress replica neither
+stops nor forgets it. Job status lives in object storage (``serve.output``/jobs/<id>/status.json),
+so any ingress replica answers a poll, and a job whose runner died is reported ``failed``.
 
 ``build_app`` is the import path for ``serve run``/``serve deploy`` and KubeRay's RayService:
 ``bimors.serve.app:build_app`` with args ``{config: ..., model: ..., overrides: [...]}``.
@@ -22,13 +23,10 @@ at runtime, through Serve's class wrapper, and needs real types rather than stri
 
 
 import asyncio
-import functools
 import json
 import logging
 import secrets
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -42,6 +40,7 @@ from bimors.config import Config, load_config
 from bimors.data.decode import DecodeError, ImageTooLargeError
 from bimors.data.tiles import tile_from_bytes
 from bimors.pinned_model import PinnedModel, pin_model
+from bimors.serve import scene_jobs
 from bimors.serve.deployments import CaptionerDeployment, ClassifierDeployment
 from bimors.serve.scene_sources import SceneSources, SceneSourceRefused
 
@@ -49,10 +48,6 @@ log = logging.getLogger(__name__)
 api = FastAPI(title="bimors", description="BiMoRS remote-sensing scene classification")
 
 _SCENE_SUFFIX = {b"II*\x00": ".tif", b"MM\x00*": ".tif", b"II+\x00": ".tif", b"MM\x00+": ".tif", b"\x89PNG": ".png"}
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class PayloadTooLarge(HTTPException):
@@ -81,13 +76,13 @@ async def read_body(request: Request, limit: int) -> bytes:
 @serve.deployment(name="BimorsAPI")
 @serve.ingress(api)
 class BimorsAPI:
-    def __init__(self, cfg: Config, captioner: DeploymentHandle, classifier: DeploymentHandle):
+    def __init__(self, cfg: Config, captioner: DeploymentHandle, classifier: DeploymentHandle, model: PinnedModel):
         self.cfg = cfg
         self.token = cfg.serve.token()
         self.sources = SceneSources(cfg.serve.scene_sources)
         self.captioner = captioner
         self.classifier = classifier
-        self.jobs = ThreadPoolExecutor(max_workers=cfg.serve.scene_jobs, thread_name_prefix="scene-job")
+        self.model = model  # scene jobs load exactly what the classifier replicas serve
         self._info: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------------------------------- auth
@@ -142,7 +137,6 @@ class BimorsAPI:
         from bimors.pipelines.scene import SceneError, SceneReader, SceneTooLargeError
 
         job_id = uuid.uuid4().hex[:16]
-        job_dir = storage.join(self.cfg.serve.output, "jobs", job_id)
         if request.headers.get("content-type", "").startswith("application/json"):
             try:
                 url = str(json.loads(await read_body(request, 64 * 1024))["url"])
@@ -157,7 +151,7 @@ class BimorsAPI:
             suffix = _SCENE_SUFFIX.get(body[:4], ".jpg" if body[:3] == b"\xff\xd8\xff" else None)
             if suffix is None:
                 raise HTTPException(status_code=422, detail="not a scene image: expected GeoTIFF/TIFF, PNG or JPEG bytes")
-            url = storage.join(job_dir, "input" + suffix)
+            url = storage.join(scene_jobs.job_dir(self.cfg, job_id), "input" + suffix)
             await asyncio.to_thread(storage.write_bytes, url, body, self.cfg.storage)
         def scene_size() -> list[int]:
             # opened and closed in one worker thread: s3fs must not run its I/O on the event loop
@@ -172,9 +166,8 @@ class BimorsAPI:
             raise HTTPException(status_code=422, detail=str(err)) from None
         except storage.StorageError as err:
             raise HTTPException(status_code=400, detail=f"cannot read the scene: {err}") from None
-        status = {"job_id": job_id, "state": "queued", "scene": url, "size": size, "submitted": _now()}
-        await asyncio.to_thread(self._write_status, job_dir, status)
-        self.jobs.submit(self._run_scene, url, job_dir, status)
+        status = {"job_id": job_id, "state": "queued", "scene": url, "size": size, "submitted": scene_jobs.now()}
+        await asyncio.to_thread(scene_jobs.start_job, self.cfg, self.model, status)
         return JSONResponse(status, status_code=202, headers={"Location": f"/jobs/{job_id}"})
 
     @api.get("/jobs/{job_id}")
@@ -182,11 +175,10 @@ class BimorsAPI:
         self.authorize(request)
         if not job_id.isalnum() or len(job_id) > 64:
             raise HTTPException(status_code=404, detail=f"no job {job_id!r}")
-        uri = storage.join(self.cfg.serve.output, "jobs", job_id, "status.json")
-        try:
-            return json.loads(await asyncio.to_thread(storage.read_bytes, uri, self.cfg.storage))
-        except storage.StorageError:
-            raise HTTPException(status_code=404, detail=f"no job {job_id!r}") from None
+        status = await asyncio.to_thread(scene_jobs.job_status, self.cfg, job_id)
+        if status is None:
+            raise HTTPException(status_code=404, detail=f"no job {job_id!r}")
+        return status
 
     # ------------------------------------------------------------------------------------ internals
 
@@ -198,43 +190,6 @@ class BimorsAPI:
             caption, embedding = await self.captioner.caption.remote(image)
         probs = await self.classifier.classify.remote((image, embedding))
         return probs, caption
-
-    def _classify_batch(self, images: list[np.ndarray], needs_captions: bool) -> tuple[np.ndarray, list[str]]:
-        """The scene path's ``classify``: runs in a job thread, fans tiles out to the deployments."""
-        captions = [""] * len(images)
-        embeddings: list[Any] = [None] * len(images)
-        if needs_captions:
-            captioned = [self.captioner.caption.remote(image) for image in images]
-            captions, embeddings = map(list, zip(*(c.result() for c in captioned)))
-        probs = [self.classifier.classify.remote((image, emb)) for image, emb in zip(images, embeddings)]
-        return np.stack([p.result() for p in probs]), captions
-
-    def _run_scene(self, url: str, job_dir: str, status: dict[str, Any]) -> None:
-        from bimors.pipelines.scene import classify_scene
-
-        def progress(done: int, total: int) -> None:
-            self._write_status(job_dir, {**status, "state": "running", "tiles_done": done, "tiles": total})
-
-        try:
-            info = self._info or self.classifier.info.remote().result()
-            self._write_status(job_dir, {**status, "state": "running"})
-            classify = functools.partial(self._classify_batch, needs_captions=info["needs_captions"])
-            result = classify_scene(
-                url, storage.join(job_dir, "output"), classify, info["classes"], self.cfg.scene,
-                self.cfg.storage, max_pixels=self.cfg.serve.max_scene_pixels, progress=progress,
-                model=info["pinned"],
-            )
-            self._write_status(job_dir, {
-                **status, "state": "done", "finished": _now(), "tiles": result.tiles, "tiles_done": result.tiles,
-                "classified": result.classified, "nodata": result.nodata, "errors": result.errors,
-                "classes": result.classes, "outputs": result.outputs,
-            })
-        except Exception as err:  # noqa: BLE001 - a failed job is reported, never kills the replica
-            log.exception("scene job %s failed", status["job_id"])
-            self._write_status(job_dir, {**status, "state": "failed", "finished": _now(), "error": f"{type(err).__name__}: {err}"})
-
-    def _write_status(self, job_dir: str, status: dict[str, Any]) -> None:
-        storage.write_bytes(storage.join(job_dir, "status.json"), json.dumps(status, indent=2).encode(), self.cfg.storage)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -267,4 +222,4 @@ def compose(cfg: Config, model: PinnedModel) -> serve.Application:
     captioner = CaptionerDeployment.options(**options(s.captioner)).bind(cfg)
     classifier = ClassifierDeployment.options(**options(s.classifier)).bind(cfg, model)
     ingress_options = options(s.ingress) | {"max_ongoing_requests": 64}
-    return BimorsAPI.options(**ingress_options).bind(cfg, captioner, classifier)
+    return BimorsAPI.options(**ingress_options).bind(cfg, captioner, classifier, model)
