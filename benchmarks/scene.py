@@ -21,7 +21,7 @@ clock and the memory measurement.
   what the smaller scene would fill (``--gdal-cachemax``, in MB; 0 skips that pair). Keep ``--side`` at
   or above ``scene.stats_max_side`` and ``scene.preview_max_side`` (1024): below them the
   statistics read and the preview grow with the scene by design.
-* batching: the smaller scene with ``scene.batch_size`` tiles per model call versus 1. Reported:
+* batching: the smaller scene with ``scene.classify.batch_size`` tiles per model call versus 1. Reported:
   tiles/s over the whole ``classify_scene`` call (reading, stretching, models, class map, COG,
   preview) and over the model calls alone.
   With the tiny models on CPU most of a call is per-call overhead (above all the captioner's
@@ -111,7 +111,7 @@ def child(spec: dict) -> dict:
         raise RuntimeError(f"scene not classified cleanly: {result.to_json()}")
     return {
         "width": result.width, "height": result.height, "tiles": result.tiles,
-        "batch_size": cfg.scene.batch_size, "tile_size": cfg.scene.tile_size,
+        "batch_size": cfg.scene.classify.batch_size, "tile_size": cfg.scene.tile_size,
         "seconds": result.seconds, "model_seconds": model_seconds[0],
         "loaded": loaded, "baseline": baseline, "peak": peak, "peak_reset": was_reset,
         "lifetime_peak": max(lifetime_peak, peak),
@@ -157,8 +157,8 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"))
     parser.add_argument("--side", type=int, default=2048, help="side of the smaller scene in pixels; the larger is 2x")
     parser.add_argument("--tile", type=int, default=128, help="scene.tile_size in pixels")
-    parser.add_argument("--batch", type=int, default=32, help="scene.batch_size of the batched runs")
-    parser.add_argument("--unbatched", type=int, default=1, help="scene.batch_size it is compared with")
+    parser.add_argument("--batch", type=int, default=32, help="scene.classify.batch_size of the batched runs")
+    parser.add_argument("--unbatched", type=int, default=1, help="scene.classify.batch_size it is compared with")
     parser.add_argument("--gdal-cachemax", type=int, default=16,
                         help="scene.gdal_cache_mb (MB) of the second memory pair; 0 skips it")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -188,7 +188,7 @@ def main() -> None:
             return {
                 "config": args.config, "checkpoint": str(work / "checkpoint"), "warmup": str(work / "warmup.tif"),
                 "scene": str(work / f"{scene}.tif"), "out": str(work / f"out-{scene}-{batch}"),
-                "overrides": [*args.overrides, f"scene.tile_size={args.tile}", f"scene.batch_size={batch}"],
+                "overrides": [*args.overrides, f"scene.tile_size={args.tile}", f"scene.classify.batch_size={batch}"],
             }
 
         load_before = os.getloadavg()[0]

@@ -61,3 +61,27 @@ def write_synthetic_scene(
                 strip[:, :, c * block : (c + 1) * block] = values.astype(dtype)
             out.write(strip, window=Window(0, r * block, cols * block, block))
     return truth
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bimors.data.synthetic_scene scenes/demo.tif``: a demo scene for the nightly job
+    and the endpoint, made of the quickstart's synthetic classes."""
+    import argparse
+
+    from bimors.config import SyntheticConfig
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("path", help="GeoTIFF to write")
+    parser.add_argument("--tiles", type=int, default=32, help="tiles per side (default 32: 1,024 tiles)")
+    parser.add_argument("--block", type=int, default=64, help="tile side in pixels (use the same scene.tile_size)")
+    parser.add_argument("--bands", type=int, default=4)
+    args = parser.parse_args(argv)
+    Path(args.path).parent.mkdir(parents=True, exist_ok=True)
+    write_synthetic_scene(args.path, SyntheticConfig().classes, (args.tiles, args.tiles), args.block, args.bands)
+    side = args.tiles * args.block
+    print(f"{args.path}: {side}x{side} px, {args.bands} bands uint16, {args.tiles * args.tiles:,} tiles of {args.block} px")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

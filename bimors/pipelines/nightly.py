@@ -195,6 +195,8 @@ def run_nightly(
             if not tiles:
                 tiles.append(Progress("tiles", total, "tiles"))
             tiles[0].update(done - tiles[0].done)
+            if done == total:
+                tiles[0].close()
 
         with Progress("nightly", len(tasks), "scenes") as progress:
             for outcome in classify_scenes(cfg, tasks, pinned, on_tiles=on_tiles):
@@ -205,8 +207,6 @@ def run_nightly(
                 })
                 failed = sum(r["status"] == "error" for r in rows)
                 progress.update(1, f"{failed} failed" if failed else None)
-        for bar in tiles:
-            bar.close()
         _write_manifest(output_uri, run_id, rows, cfg, pinned)
         for row in rows:
             if row["status"] == "ok":

@@ -25,6 +25,7 @@ Outputs, in ``<output>/``:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 import time
@@ -48,6 +49,8 @@ from bimors.data.decode import DecodeError, Limits, band_indexes, bands_to_rgb, 
 from bimors.data.manifest import tile_id
 from bimors.data.tiles import fit_within
 from bimors.errors import BimorsError
+
+log = logging.getLogger(__name__)
 
 #: Tiles -> ([N, C] probabilities, N captions), for :func:`classify_scene`: ``Predictor.predict_images``
 #: or, in tests, an oracle.
@@ -246,10 +249,42 @@ class SceneReader:
         return bands_to_rgb(values, self._selected, valid, limits=self.limits)
 
     def _scene_limits(self) -> Limits | None:
+        """The stretch for the whole scene, from one decimated overview read (none needed for 8-bit
+        data under the ``auto`` stretch). A scene with a few unreadable blocks (a torn upload, a bad
+        sector) is not lost to them: the overview is then read in parts and the bad parts skipped;
+        the tiles over them fail on their own later."""
+        dtypes = {self.dataset.dtypes[i - 1] for i in self.indexes}
+        if self._selected.stretch == "none" or (self._selected.stretch == "auto" and dtypes == {"uint8"}):
+            return None
         scale = min(1.0, self.cfg.stats_max_side / max(self.height, self.width))
         shape = (max(1, round(self.height * scale)), max(1, round(self.width * scale)))
-        values, valid = self.read(out_shape=shape)
+        try:
+            values, valid = self.read(out_shape=shape)
+        except RasterioError as err:
+            values, valid = self._overview_in_parts(shape, err)
         return stretch_limits(values, self._selected, valid)
+
+    def _overview_in_parts(self, shape: tuple[int, int], first: RasterioError, parts: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        step_r, step_c = -(-self.height // parts), -(-self.width // parts)
+        values = np.zeros((len(self.indexes), *shape), self.dataset.dtypes[self.indexes[0] - 1])
+        valid = np.zeros(shape, bool)
+        sy, sx = shape[0] / self.height, shape[1] / self.width
+        failed = 0
+        for r0 in range(0, self.height, step_r):
+            for c0 in range(0, self.width, step_c):
+                h, w = min(step_r, self.height - r0), min(step_c, self.width - c0)
+                y0, y1 = int(r0 * sy), max(int(r0 * sy) + 1, int((r0 + h) * sy))
+                x0, x1 = int(c0 * sx), max(int(c0 * sx) + 1, int((c0 + w) * sx))
+                try:
+                    part, ok = self.read(Window(c0, r0, w, h), out_shape=(y1 - y0, x1 - x0))
+                except RasterioError:
+                    failed += 1
+                    continue
+                values[:, y0:y1, x0:x1], valid[y0:y1, x0:x1] = part, ok
+        if not valid.any():
+            raise SceneError(f"{self.uri}: not a readable raster image ({_first_line(first)})")
+        log.warning("%s: %d of %d parts of the overview could not be read (%s); stretch from the rest", self.uri, failed, parts * parts, _first_line(first))
+        return values, valid
 
 
 def plan_scene(uri: str, cfg: SceneConfig, storage_cfg: StorageConfig | None = None, max_pixels: int | None = None) -> ScenePlan:
