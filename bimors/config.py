@@ -214,6 +214,10 @@ class FeaturizeConfig(Section):
     caption: StageConfig = StageConfig(batch_size=16)
     clip: StageConfig = StageConfig(batch_size=32)
     shard_rows: int = Field(512, ge=1, description="rows per Parquet shard of the feature store")
+    writers: int = Field(
+        2, ge=1, description="shard writer actors (shards are named after their tiles, so writers never collide)"
+    )
+    writer_cpus: float = Field(0.25, gt=0, description="CPUs per shard writer actor")
 
 
 class AugmentConfig(Section):
@@ -262,6 +266,9 @@ class EvaluateConfig(Section):
         description="catalog name -> dataset root URI, for the cross-dataset and domain-generalization protocols",
     )
     predict: StageConfig = StageConfig(batch_size=256)
+    read_cpus: float = Field(
+        0.25, gt=0, description="CPUs per task that streams feature shards to the predict actors (I/O, not compute)"
+    )
 
 
 class SceneConfig(Section):

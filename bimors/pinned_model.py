@@ -62,7 +62,7 @@ def pin_model(model_uri: str, cfg: Config) -> PinnedModel:
 def checkpoint_digest(checkpoint: str, storage_cfg: StorageConfig | None = None) -> str:
     """``sha256:<hex>`` over the relative names and bytes of every file in the checkpoint folder."""
     fs, root = storage.filesystem(checkpoint, storage_cfg)
-    try:
+    with storage.translated_errors(checkpoint, storage_cfg):
         files = sorted(fs.find(root))
         digest = hashlib.sha256()
         for path in files:
@@ -71,8 +71,6 @@ def checkpoint_digest(checkpoint: str, storage_cfg: StorageConfig | None = None)
                 continue  # download markers and the like are not part of the model
             digest.update(name.encode() + b"\0")
             digest.update(hashlib.sha256(fs.cat_file(path)).digest())
-    except Exception as err:  # noqa: BLE001 - every backend raises its own types
-        raise storage.explain(checkpoint, err) from err
     return "sha256:" + digest.hexdigest()
 
 

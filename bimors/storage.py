@@ -17,8 +17,9 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Iterator
 
 import fsspec
 import pyarrow as pa
@@ -137,7 +138,7 @@ def filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[fsspec.Abstr
     return fs, path
 
 
-def explain(uri: str, err: BaseException) -> StorageError:
+def _explain(uri: str, err: BaseException) -> StorageError:
     """Turn an exception from fsspec/s3fs/botocore into a message a user can act on."""
     if isinstance(err, StorageError):
         return err
@@ -182,10 +183,25 @@ def _redact(message: str, cfg: StorageConfig | None) -> str:
     return message
 
 
-def _fail(uri: str, err: BaseException, cfg: StorageConfig | None) -> StorageError:
-    explained = explain(uri, err)
+def storage_error(uri: str, err: BaseException, cfg: StorageConfig | None = None) -> StorageError:
+    """``err`` from a filesystem call about ``uri`` as the StorageError to raise: what went wrong, in
+    words a user can act on, with configured credentials redacted (see :func:`translated_errors`)."""
+    explained = _explain(uri, err)
     message = _redact(str(explained), cfg)
     return explained if message == str(explained) else StorageError(message)
+
+
+@contextmanager
+def translated_errors(uri: str, cfg: StorageConfig | None = None) -> Iterator[None]:
+    """Around raw filesystem calls about ``uri``: whatever fsspec, s3fs or botocore raise comes out
+    as one :class:`StorageError` naming the URI and the cause (configured credentials redacted).
+    The one way this package wraps storage errors, so every message reads the same."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - every backend raises its own types
+        raise storage_error(uri, err, cfg) from err
 
 
 def exists(uri: str, cfg: StorageConfig | None = None) -> bool:
@@ -199,7 +215,7 @@ def exists(uri: str, cfg: StorageConfig | None = None) -> bool:
     except FileNotFoundError:
         pass
     except Exception as err:  # noqa: BLE001 - every backend raises its own types
-        raise _fail(uri, err, cfg) from err
+        raise storage_error(uri, err, cfg) from err
     if is_remote(uri) and "/" in path.strip("/"):
         bucket = path.strip("/").split("/", 1)[0]
         try:
@@ -213,10 +229,8 @@ def exists(uri: str, cfg: StorageConfig | None = None) -> bool:
 
 def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
     fs, path = filesystem(uri, cfg)
-    try:
+    with translated_errors(uri, cfg):
         return fs.cat_file(path)
-    except Exception as err:  # noqa: BLE001
-        raise _fail(uri, err, cfg) from err
 
 
 def _read_umask() -> int:
@@ -249,19 +263,17 @@ def _replace_local(target: Path, fill: Callable[[BinaryIO], None]) -> None:
 def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:
     """Write a whole object; local files are replaced atomically so readers never see half a file."""
     fs, path = filesystem(uri, cfg)
-    try:
+    with translated_errors(uri, cfg):
         if not is_remote(uri):
             _replace_local(Path(path), lambda handle: handle.write(data))
         else:
             fs.pipe_file(path, bytes(data))
-    except Exception as err:  # noqa: BLE001
-        raise _fail(uri, err, cfg) from err
 
 
-def write_parquet(uri: str, table: pa.Table, cfg: StorageConfig | None = None) -> None:
+def write_parquet(uri: str, table: pa.Table, cfg: StorageConfig | None = None, row_group_size: int | None = None) -> None:
     """One Parquet file (zstd), written whole like :func:`write_bytes`."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
+    pq.write_table(table, buffer, compression="zstd", row_group_size=row_group_size)
     write_bytes(uri, buffer.getvalue(), cfg)
 
 
@@ -269,26 +281,22 @@ def put_file(local: str | Path, uri: str, cfg: StorageConfig | None = None) -> N
     """Copy a local file to ``uri`` without reading it into memory (outputs can be large);
     local targets are replaced atomically like :func:`write_bytes`."""
     fs, path = filesystem(uri, cfg)
-    try:
+    with translated_errors(uri, cfg):
         if not is_remote(uri):
             with open(local, "rb") as source:
                 _replace_local(Path(path), lambda handle: shutil.copyfileobj(source, handle))
         else:
             fs.put_file(str(local), path)
-    except Exception as err:  # noqa: BLE001
-        raise _fail(uri, err, cfg) from err
 
 
 def move(uri: str, target: str, cfg: StorageConfig | None = None) -> None:
     """Move one object or file within one filesystem (local: a rename; S3: copy, then delete)."""
     fs, path = filesystem(uri, cfg)
     _, target_path = filesystem(target, cfg)
-    try:
+    with translated_errors(uri, cfg):
         if not is_remote(uri):
             Path(target_path).parent.mkdir(parents=True, exist_ok=True)
         fs.mv(path, target_path)
-    except Exception as err:  # noqa: BLE001
-        raise _fail(uri, err, cfg) from err
 
 
 def join(uri: str, *parts: str) -> str:
@@ -298,24 +306,18 @@ def join(uri: str, *parts: str) -> str:
 
 def stage_local(uri: str, cfg: StorageConfig | None = None) -> Path:
     """A local path holding ``uri`` (a file or a folder); remote objects are copied once into
-    ``storage.cache_dir`` and reused, keyed by the endpoint and the URI.
-
-    The copy is published atomically (a complete entry is renamed into place), so concurrent
-    workers staging the same URI never see a partial copy; the loser of a race uses the winner's."""
+    ``storage.cache_dir`` and reused, keyed by the endpoint and the URI (published atomically, see
+    :func:`publish_folder`)."""
     if not is_remote(uri):
         _check_uri(uri)
         return local_path(uri)
     cfg = cfg or StorageConfig()
     fs, path = filesystem(uri, cfg)
-    cache_root = _ensure(Path(os.path.expanduser(cfg.cache_dir)) / "remote")
+    cache_root = Path(os.path.expanduser(cfg.cache_dir)) / "remote"
     ident = uri.rstrip("/") if not cfg.endpoint_url else f"{cfg.endpoint_url.rstrip('/')} {uri.rstrip('/')}"
-    entry = cache_root / hashlib.sha256(ident.encode()).hexdigest()[:16]
     name = uri.rstrip("/").rsplit("/", 1)[-1] or "object"
-    target = entry / name
-    if (entry / ".complete").exists() and target.exists():
-        return target
-    staging = Path(tempfile.mkdtemp(dir=cache_root, prefix=".staging-"))
-    try:
+
+    def download(staging: Path) -> None:
         if fs.info(path)["type"] == "directory":
             fs.get(path.rstrip("/") + "/", str(staging / name), recursive=True)
             (staging / name).mkdir(exist_ok=True)
@@ -323,32 +325,42 @@ def stage_local(uri: str, cfg: StorageConfig | None = None) -> Path:
             fs.get(path, str(staging / name))
         if not (staging / name).exists():
             raise FileNotFoundError(uri)
-        (staging / ".complete").touch()
-        _publish(staging, entry)
-    except Exception as err:  # noqa: BLE001
-        raise _fail(uri, err, cfg) from err
+
+    with translated_errors(uri, cfg):
+        entry = publish_folder(cache_root / hashlib.sha256(ident.encode()).hexdigest()[:16], download)
+    return entry / name
+
+
+COMPLETE = ".complete"  # marks a published folder as whole (publish_folder)
+
+
+def publish_folder(target: Path, fill: Callable[[Path], None]) -> Path:
+    """``target``, built once: ``fill(staging)`` writes into a fresh folder beside it, which is then
+    renamed into place, so no reader ever sees a partial folder. The one "stage then publish" of
+    this package (remote copies, MLflow downloads, models built on first use).
+
+    A complete ``target`` (holding the ``.complete`` marker) is used as it is; when several workers
+    race, the first rename wins and the others keep the winner's copy; an incomplete leftover (a
+    killed run) is replaced."""
+    if (target / COMPLETE).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
+    try:
+        fill(staging)
+        (staging / COMPLETE).touch()
+        for _ in range(3):
+            try:
+                os.rename(staging, target)
+                return target
+            except OSError:
+                if (target / COMPLETE).exists():
+                    return target
+                shutil.rmtree(target, ignore_errors=True)
+        os.rename(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def _publish(staging: Path, entry: Path) -> None:
-    """Rename a finished staging folder to ``entry``; an incomplete leftover is replaced, a complete
-    one (another worker won the race) is kept."""
-    for _ in range(3):
-        try:
-            os.rename(staging, entry)
-            return
-        except OSError:
-            if (entry / ".complete").exists():
-                return
-            shutil.rmtree(entry, ignore_errors=True)
-    os.rename(staging, entry)
-
-
-def _ensure(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def pyarrow_filesystem(uri: str, cfg: StorageConfig | None = None):

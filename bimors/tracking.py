@@ -413,29 +413,19 @@ def _run_artifact_location(client: Any, model_uri: str, uri: str, run_id: str, p
 
 
 def _download(source: str, uri: str, cfg: Config) -> Path:
-    """Download ``source`` once into ``<cache_dir>/mlflow/<hash>``; the entry is renamed into place
-    when complete, so concurrent replicas never read a half-downloaded model."""
+    """Download ``source`` once into ``<cache_dir>/mlflow/<hash>`` (published whole, see
+    :func:`bimors.storage.publish_folder`, so concurrent replicas never read half a model)."""
     import mlflow.artifacts
 
     root = Path(os.path.expanduser(cfg.storage.cache_dir)) / "mlflow"
-    root.mkdir(parents=True, exist_ok=True)
-    entry = root / hashlib.sha256(f"{uri} {source}".encode()).hexdigest()[:16]
-    marker = entry / ".complete"  # holds the downloaded folder's path relative to the entry
-    if marker.exists():
-        return entry / marker.read_text()
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=".staging-"))
-    try:
+    where = ".downloaded"  # the downloaded folder's path, relative to the entry
+
+    def download(staging: Path) -> None:
         local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(staging), tracking_uri=uri)
-        (staging / ".complete").write_text(Path(local).relative_to(staging).as_posix())
-        try:
-            os.rename(staging, entry)
-        except OSError:
-            if not marker.exists():  # not a lost race but a broken leftover
-                shutil.rmtree(entry, ignore_errors=True)
-                os.rename(staging, entry)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return entry / marker.read_text()
+        (staging / where).write_text(Path(local).relative_to(staging).as_posix())
+
+    entry = storage.publish_folder(root / hashlib.sha256(f"{uri} {source}".encode()).hexdigest()[:16], download)
+    return entry / (entry / where).read_text()
 
 
 def _find_checkpoint(model_uri: str, local: Path) -> Path:

@@ -57,7 +57,7 @@ def test_train_workflow_records_the_run_in_mlflow(tmp_path, model_dir, mlflow_se
     # a concise console when piped: progress per stage, the results, where the log is; no Ray internals
     console = (done.stdout + done.stderr).strip().splitlines()
     assert len(console) <= 30, "\n".join(console)
-    for stage in ("featurize: ", "train: ", "evaluate base classes: ", "evaluate new classes: "):
+    for stage in ("featurize: ", "train: ", "evaluate base and new classes: "):
         assert any(line.startswith(stage) for line in done.stderr.splitlines()), done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"log: {env['BIMORS_LOG_DIR']}/train-")
     assert not [line for line in console[:-1] if "pid=" in line or "INFO" in line or "Warning" in line or "ray" in line.lower()]

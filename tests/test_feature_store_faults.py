@@ -98,3 +98,25 @@ def test_done_tile_ids_reads_the_tile_id_column_not_the_features(s3_server, s3_b
     with FaultProxy(s3_server.endpoint_url) as proxy:
         assert FeatureStore(uri, storage_at(proxy.endpoint_url, tmp_cache)).done_tile_ids() == ids
     assert proxy.bytes_sent < 0.02 * size, (proxy.bytes_sent, size)  # the footer and the tile_id chunks
+
+
+def test_a_selection_of_tiles_fetches_only_the_row_groups_that_hold_them(s3_server, s3_bucket, tmp_cache):
+    """Shards are sorted by tile_id in row groups of ROW_GROUP_ROWS; a few selected tiles (a seed's
+    shots) cost their row groups, not the whole store."""
+    import numpy as np
+
+    from bimors.pipelines.feature_store import ROW_GROUP_ROWS, tensor_column
+
+    direct = storage_at(s3_server.endpoint_url, tmp_cache)
+    uri = f"s3://{s3_bucket}/selected-store"
+    store = FeatureStore(uri, direct)
+    rng = np.random.default_rng(1)
+    tile_ids = [f"tile-{i:04d}" for i in range(8 * ROW_GROUP_ROWS)]
+    tokens = rng.standard_normal((len(tile_ids), 50 * 768)).astype(np.float16)
+    store.write_shard(FEATURES, pa.table({"tile_id": tile_ids[::-1], "visual_tokens": tensor_column(tokens, pa.float16())}))
+    size = sum(len(v) for k, v in snapshot(s3_server, s3_bucket).items() if "selected-store/features/" in k)
+    wanted = {tile_ids[3], tile_ids[5]}  # both in the first row group once sorted
+    with FaultProxy(s3_server.endpoint_url) as proxy:
+        selected = FeatureStore(uri, storage_at(proxy.endpoint_url, tmp_cache)).features(tile_ids=wanted)
+    assert set(selected.column("tile_id").to_pylist()) == wanted
+    assert proxy.bytes_sent < 0.25 * size, (proxy.bytes_sent, size)  # one row group of eight, plus the footer

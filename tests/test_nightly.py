@@ -120,24 +120,27 @@ def corrupt_block(path: Path, row: int, col: int) -> None:
         f.write(b"\xde\xad" * (size // 2))
 
 
-@pytest.mark.parametrize("dtype", ["uint8", "uint16"])  # 16-bit: the stretch's overview read meets the torn block too
-def test_a_tile_that_cannot_be_read_is_recorded_and_its_scene_finishes(ray_cluster, tmp_path, nightly_config, learner_checkpoint, dtype):
+def test_a_tile_that_cannot_be_read_is_recorded_and_its_scene_finishes(ray_cluster, tmp_path, nightly_config, learner_checkpoint):
+    """One torn block in an 8-bit and in a 16-bit scene (whose stretch's overview read meets it too)."""
     import pyarrow.parquet as pq
     import rasterio
     import rasterio.shutil
 
     (tmp_path / "in").mkdir()
-    write_synthetic_scene(tmp_path / "plain.tif", SCENE_CLASSES, (2, 3), block=64, bands=3, dtype=dtype)
-    # 64-px blocks, one per tile, so a broken block breaks exactly one tile
-    rasterio.shutil.copy(tmp_path / "plain.tif", tmp_path / "in" / "torn.tif", driver="GTiff", tiled=True,
-                         blockxsize=64, blockysize=64, compress="deflate")
-    corrupt_block(tmp_path / "in" / "torn.tif", 1, 2)
+    for dtype in ("uint8", "uint16"):
+        write_synthetic_scene(tmp_path / f"plain-{dtype}.tif", SCENE_CLASSES, (2, 3), block=64, bands=3, dtype=dtype)
+        # 64-px blocks, one per tile, so a broken block breaks exactly one tile
+        rasterio.shutil.copy(tmp_path / f"plain-{dtype}.tif", tmp_path / "in" / f"torn-{dtype}.tif", driver="GTiff",
+                             tiled=True, blockxsize=64, blockysize=64, compress="deflate")
+        corrupt_block(tmp_path / "in" / f"torn-{dtype}.tif", 1, 2)
     report = run_nightly(nightly_config, str(tmp_path / "in"), str(tmp_path / "out"), str(learner_checkpoint))
-    assert (report.classified, report.failed, report.tiles) == (1, 0, 6)
-    summary = json.loads((tmp_path / "out" / "torn" / "summary.json").read_text())
-    assert (summary["classified"], summary["errors"]) == (5, 1)
-    failed = [t for t in pq.read_table(tmp_path / "out" / "torn" / "tiles.parquet").to_pylist() if t["status"] == "error"]
-    assert [(t["row_off"], t["col_off"]) for t in failed] == [(64, 128)] and failed[0]["error"].startswith("read: ")
-    with rasterio.open(tmp_path / "out" / "torn" / "class_map.tif") as out:
-        classes = out.read(1)
-    assert (classes[64:, 128:] == 255).all() and (classes[:64] != 255).all()  # nothing painted for the torn tile
+    assert (report.classified, report.failed, report.tiles) == (2, 0, 12)
+    for dtype in ("uint8", "uint16"):
+        out = tmp_path / "out" / f"torn-{dtype}"
+        summary = json.loads((out / "summary.json").read_text())
+        assert (summary["classified"], summary["errors"]) == (5, 1)
+        failed = [t for t in pq.read_table(out / "tiles.parquet").to_pylist() if t["status"] == "error"]
+        assert [(t["row_off"], t["col_off"]) for t in failed] == [(64, 128)] and failed[0]["error"].startswith("read: ")
+        with rasterio.open(out / "class_map.tif") as ds:
+            classes = ds.read(1)
+        assert (classes[64:, 128:] == 255).all() and (classes[:64] != 255).all()  # nothing painted for the torn tile

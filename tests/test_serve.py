@@ -384,10 +384,11 @@ def test_a_tile_gets_the_same_caption_class_and_probability_on_every_path(app, s
     import pyarrow.parquet as pq
 
     from bimors.data.manifest import MANIFEST_SCHEMA, tile_id
-    from bimors.pipelines.evaluate import predict_rows
+    from bimors.pipelines.evaluate import predict_splits
     from bimors.pipelines.feature_store import FeatureStore
     from bimors.pipelines.featurize import featurize_manifest
     from bimors.pipelines.nightly import run_nightly
+    from bimors.pipelines.protocol_data import EvalSplit
 
     client, cfg, _ = app
     classes = client.get("/model").json()["classes"]
@@ -409,7 +410,8 @@ def test_a_tile_gets_the_same_caption_class_and_probability_on_every_path(app, s
     store = FeatureStore(str(tmp_path / "store"), cfg.storage)
     assert featurize_manifest(fcfg, store, manifest).stored == 3
     features = store.features()
-    predicted = predict_rows(fcfg, str(learner_checkpoint), classes, features).to_pylist()
+    split = EvalSplit(classes, pa.table({"tile_id": [tile_id(u) for u in uris], "label": [0] * 3}))
+    predicted = predict_splits(fcfg, str(learner_checkpoint), store, {"test": split})["test"].to_pylist()
     by_id = {row["tile_id"]: row for row in predicted}
     captions = dict(zip(features["tile_id"].to_pylist(), features["caption"].to_pylist()))
     evaluation = [(classes[by_id[tile_id(u)]["prediction"]], by_id[tile_id(u)]["probability"], captions[tile_id(u)]) for u in uris]

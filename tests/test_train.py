@@ -183,14 +183,15 @@ def test_checkpoints_go_to_object_storage(small, s3_server, s3_storage, backbone
     from bimors import storage
     from bimors.pipelines.inference import Predictor
 
-    cfg, _, _, data = small
+    cfg, _, store, data = small
     on_s3 = cfg.model_copy(update={"storage": s3_storage, "optim": cfg.optim.model_copy(update={"epochs": 2})})
     bucket = s3_server.create_bucket("runs")
     result = fit(on_s3, data, f"s3://{bucket}/runs", "to-s3")
     assert result.checkpoint.startswith(f"s3://{bucket}/runs/to-s3/checkpoint_")
     assert storage.exists(storage.join(result.checkpoint, "learner.safetensors"), s3_storage)
     predictor = Predictor.from_checkpoint(on_s3, result.checkpoint, backbone=backbone)
-    assert predictor.predict_table(data.splits["test"]).shape == (len(data.splits["test"]), len(data.classnames))
+    test = store.features(tile_ids=set(data.tests["base"].rows.column("tile_id").to_pylist()))
+    assert predictor.predict_table(test).shape == (len(test), len(data.classnames)) and len(test) > 0
 
 
 def test_missing_features_are_computed_first_not_skipped(small):

@@ -120,12 +120,10 @@ def folder_name(root: str) -> str:
 
 def _require_folder(root: str, storage_cfg: StorageConfig | None) -> None:
     fs, path = storage.filesystem(root, storage_cfg)
-    try:
+    with storage.translated_errors(root, storage_cfg):
         fs.invalidate_cache(path)
         if fs.isdir(path):
             return
-    except Exception as err:  # noqa: BLE001 - every backend raises its own types
-        raise storage.explain(root, err) from err
     exists = storage.exists(root, storage_cfg)  # says so when the bucket itself is missing
     if exists:
         raise DatasetError(f"dataset root {root} is a file; expected a folder of class folders or a split JSON")
@@ -136,11 +134,9 @@ def _image_root(root: str, subdir: str | None, storage_cfg: StorageConfig | None
     if subdir:
         candidate = storage.join(root, subdir)
         fs, path = storage.filesystem(candidate, storage_cfg)
-        try:
+        with storage.translated_errors(candidate, storage_cfg):
             if fs.isdir(path):
                 return candidate
-        except Exception as err:  # noqa: BLE001
-            raise storage.explain(candidate, err) from err
     return root
 
 
@@ -263,11 +259,9 @@ def list_class_folders(image_root: str, storage_cfg: StorageConfig | None = None
     image is an error, since it would silently become a class that can never be predicted.
     """
     fs, base = storage.filesystem(image_root, storage_cfg)
-    try:
+    with storage.translated_errors(image_root, storage_cfg):
         fs.invalidate_cache(base)  # a long-lived process must see tiles that arrived since its last look
         entries = fs.find(base, withdirs=True, detail=True)
-    except Exception as err:  # noqa: BLE001
-        raise storage.explain(image_root, err) from err
     prefix = base.rstrip("/") + "/"
     images: dict[str, list[str]] = {}
     classes: set[str] = set()

@@ -511,7 +511,7 @@ def _refuse_foreign_content(fs: AbstractFileSystem, base: str, root: str, ours: 
     except FileNotFoundError:
         names = []
     except Exception as err:  # noqa: BLE001
-        raise storage.explain(root, err) from err
+        raise storage.storage_error(root, err) from err
     foreign = sorted(n for n in names if n not in ours and not n.startswith("."))
     if foreign:
         raise DatasetError(
@@ -529,10 +529,8 @@ def _remove_stale(fs: AbstractFileSystem, base: str, root: str, previous: dict, 
     paths = [f"{base.rstrip('/')}/{p}" for p in stale]
     existing = [p for p in paths if fs.exists(p)]
     if existing:
-        try:
+        with storage.translated_errors(root):
             fs.rm(existing)
-        except Exception as err:  # noqa: BLE001
-            raise storage.explain(root, err) from err
         log.info("removed %d images of the previous synthetic dataset under %s", len(existing), root)
     if not storage.is_remote(root):
         for classname in set(config["classes"]):
@@ -545,11 +543,9 @@ def _write_all(
     root: str, fs: AbstractFileSystem, base: str, blobs: dict[str, bytes], storage_cfg: StorageConfig | None
 ) -> None:
     if storage.is_remote(root):
-        try:  # one concurrent batch upload instead of a round trip per file
+        with storage.translated_errors(root, storage_cfg):  # one concurrent batch upload, not a round trip per file
             fs.pipe({f"{base.rstrip('/')}/{relpath}": data for relpath, data in blobs.items()})
             fs.invalidate_cache(base)
-        except Exception as err:  # noqa: BLE001
-            raise storage.explain(root, err) from err
         return
     for relpath, data in blobs.items():
         storage.write_bytes(storage.join(root, relpath), data, storage_cfg)

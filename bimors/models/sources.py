@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib.resources
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,13 +55,13 @@ def materialize(
     what: str,
 ) -> Path:
     """Local folder for a folder reference; builds it with ``build(arch, folder)`` when it is missing
-    and ``create_if_missing`` names an architecture. Writes are atomic so that several workers racing
-    to create the same folder all end up reading one complete copy."""
+    and ``create_if_missing`` names an architecture (published whole, so several workers racing to
+    create the same folder all end up reading one complete copy)."""
     if storage.is_remote(name):
         return storage.stage_local(name, cfg)
     folder = storage.local_path(name)
     if folder.is_dir():
-        return folder
+        return folder  # a folder of weights, or one built before
     if folder.exists():
         raise ModelUnavailableError(f"{what} {name!r} is a file, expected a model folder")
     if not create_if_missing:
@@ -71,18 +69,7 @@ def materialize(
             f"{what} folder {folder} does not exist; point the config at a folder holding the weights, "
             "or set create_if_missing to build a random one for testing"
         )
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.building-"))
-    try:
-        build(create_if_missing, staging)
-        try:
-            os.replace(staging, folder)
-        except OSError:
-            if not folder.is_dir():  # lost a race only if the winner finished
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return storage.publish_folder(folder, lambda staging: build(create_if_missing, staging))
 
 
 def hub_error(what: str, name: str, config_key: str, err: BaseException) -> ModelUnavailableError:

@@ -1,54 +1,99 @@
-"""Evaluation: a learner checkpoint scores feature rows through the shared inference path, on a
-Ray Data actor pool (the text encoder runs once per tile x class, which wants a GPU at scale).
+"""Evaluation: a learner checkpoint scores test splits through the shared inference path, on a Ray
+Data actor pool (the text encoder runs once per tile x class, which wants a GPU at scale).
 
+Features stream from the store to the predict actors (one Ray Data read task per shard, only the
+columns the learner reads), so the driver never holds a split's features, only the small
+predictions. All splits of a run (base and new classes) are scored in one pass over the store.
 Every row given is scored; the report carries the counts so a table can never hide a subsample.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from bimors.config import Config
 from bimors.console import Progress
+from bimors.pipelines.feature_store import FEATURES, FeatureStore, with_shapes
 from bimors.pipelines.metrics import ClassificationReport, classification_report
+from bimors.pipelines.protocol_data import EvalSplit
 from bimors.pipelines.stages import pick_device
+
+PREDICTION_SCHEMA = pa.schema([("tile_id", pa.string()), ("split", pa.string()), ("label", pa.int64()),
+                               ("prediction", pa.int64()), ("probability", pa.float32())])
 
 
 class PredictStage:
-    """One Predictor per actor; a batch of feature rows in, (tile_id, label, prediction, probability) out."""
+    """Store rows in, predictions out; one Predictor per split (one backbone shared by them), since
+    base and new classes are scored against different class lists."""
 
-    def __init__(self, cfg: Config, checkpoint: str, classnames: list[str]):
+    def __init__(self, cfg: Config, checkpoint: str, splits: dict[str, tuple[list[str], dict[str, int]]], shapes: dict[str, Any]):
+        from bimors.models.clip_backbone import FrozenCLIP
         from bimors.pipelines.inference import Predictor
 
-        self.predictor = Predictor.from_checkpoint(cfg, checkpoint, pick_device(cfg.evaluate.predict.num_gpus), classnames)
+        device = pick_device(cfg.evaluate.predict.num_gpus)
+        backbone = FrozenCLIP.load(cfg.model.backbone, cfg.storage, device)
+        self.predictors = {
+            name: Predictor.from_checkpoint(cfg, checkpoint, device, classnames, backbone=backbone)
+            for name, (classnames, _) in splits.items()
+        }
+        self.split_of = {tid: (name, label) for name, (_, labels) in splits.items() for tid, label in labels.items()}
+        self.shapes = shapes
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        probs = self.predictor.predict_table(batch, batch_size=len(batch) or 1)
+        batch = with_shapes(batch, self.shapes)
+        found = [self.split_of.get(tid) for tid in batch.column("tile_id").to_pylist()]
+        out: dict[str, list] = {name: [] for name in PREDICTION_SCHEMA.names}
+        for name, predictor in self.predictors.items():
+            rows = [i for i, f in enumerate(found) if f is not None and f[0] == name]
+            if not rows:
+                continue
+            part = batch.take(pa.array(rows, pa.int64()))
+            probs = predictor.predict_table(part, batch_size=len(rows))
+            out["tile_id"] += part.column("tile_id").to_pylist()
+            out["split"] += [name] * len(rows)
+            out["label"] += [found[i][1] for i in rows]
+            out["prediction"] += probs.argmax(-1).tolist()
+            out["probability"] += probs.max(-1).tolist()
         return {
-            "tile_id": batch.column("tile_id").to_numpy(zero_copy_only=False),
-            "label": batch.column("label").to_numpy(),
-            "prediction": probs.argmax(-1),
-            "probability": probs.max(-1),
+            "tile_id": np.array(out["tile_id"], object), "split": np.array(out["split"], object),
+            "label": np.array(out["label"], np.int64), "prediction": np.array(out["prediction"], np.int64),
+            "probability": np.array(out["probability"], np.float32),
         }
 
 
-def predict_rows(cfg: Config, checkpoint: str, classnames: Sequence[str], rows: pa.Table, label: str = "evaluate") -> pa.Table:
-    """Predictions for every row of ``rows`` (feature-store rows with labels in ``classnames``)."""
+def predict_splits(cfg: Config, checkpoint: str, store: FeatureStore, splits: dict[str, EvalSplit], label: str = "evaluate") -> dict[str, pa.Table]:
+    """Predictions for every row of every split, streamed from the store in one pass."""
     import ray.data
 
     from bimors.pipelines.runtime import actor_pool, ensure_ray
 
-    if rows.num_rows == 0:
-        return pa.table({"tile_id": pa.array([], pa.string()), "label": pa.array([], pa.int64()),
-                         "prediction": pa.array([], pa.int64()), "probability": pa.array([], pa.float32())})
+    total = sum(s.rows.num_rows for s in splits.values())
+    empty = {name: PREDICTION_SCHEMA.empty_table() for name in splits}
+    if total == 0:
+        return empty
     ensure_ray()
+    uses = _columns_read(cfg, checkpoint)
+    shards = store.shards(FEATURES)
     stage = cfg.evaluate.predict
-    ds = ray.data.from_arrow(rows).map_batches(
+    # one read task per shard, through the store's own reader (projection, ranged reads, its fault
+    # rules), at a fraction of a CPU: reading is I/O, and a cluster whose CPUs the predict actors hold
+    # must still schedule it (ray.data.read_parquet lists files in a 1-CPU task that then never runs)
+    ds = ray.data.from_items([{"shard": uri} for uri in shards], override_num_blocks=max(1, len(shards))).map_batches(
+        _read_shards,
+        fn_kwargs={"store_uri": store.uri, "storage_cfg": store.storage_cfg, "columns": ["tile_id", *uses]},
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=cfg.evaluate.read_cpus,
+    ).map_batches(
         PredictStage,
-        fn_constructor_kwargs={"cfg": cfg, "checkpoint": checkpoint, "classnames": list(classnames)},
+        fn_constructor_kwargs={
+            "cfg": cfg, "checkpoint": checkpoint, "shapes": store.shapes(),
+            "splits": {name: (list(s.classnames), s.labels()) for name, s in splits.items()},
+        },
         batch_size=stage.batch_size,
         batch_format="pyarrow",
         compute=actor_pool(stage),
@@ -56,20 +101,39 @@ def predict_rows(cfg: Config, checkpoint: str, classnames: Sequence[str], rows: 
         num_gpus=stage.num_gpus or None,
     )
     batches = []
-    with Progress(label, rows.num_rows, "tiles") as progress:
+    with Progress(label, total, "tiles") as progress:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            batches.append(batch)
+            batches.append(batch.cast(PREDICTION_SCHEMA))
             progress.update(batch.num_rows)
-    return pa.concat_tables(batches)
+    predicted = pa.concat_tables([PREDICTION_SCHEMA.empty_table(), *batches])
+    return {name: predicted.filter(pc.equal(predicted["split"], name)) for name in splits}
 
 
-def evaluate_rows(
-    cfg: Config, checkpoint: str, classnames: Sequence[str], rows: pa.Table, label: str = "evaluate"
-) -> ClassificationReport:
-    """Score every row; ``label`` names the stage on the console (e.g. ``evaluate base classes``)."""
-    predicted = predict_rows(cfg, checkpoint, classnames, rows, label)
-    if predicted.num_rows != rows.num_rows:
-        raise RuntimeError(f"scored {predicted.num_rows} of {rows.num_rows} rows")
-    return classification_report(
-        predicted.column("label").to_numpy(), predicted.column("prediction").to_numpy(), list(classnames)
-    )
+def evaluate_splits(
+    cfg: Config, checkpoint: str, store: FeatureStore, splits: dict[str, EvalSplit], label: str = "evaluate"
+) -> dict[str, ClassificationReport]:
+    """Score every row of every split; ``label`` names the stage on the console."""
+    reports = {}
+    for name, predicted in predict_splits(cfg, checkpoint, store, splits, label).items():
+        expected = splits[name].rows.num_rows
+        if predicted.num_rows != expected:
+            raise RuntimeError(f"scored {predicted.num_rows} of {expected} rows of the {name} split")
+        reports[name] = classification_report(
+            predicted.column("label").to_numpy(), predicted.column("prediction").to_numpy(), list(splits[name].classnames)
+        )
+    return reports
+
+
+def _read_shards(batch: dict[str, np.ndarray], store_uri: str, storage_cfg: Any, columns: list[str]) -> pa.Table:
+    store = FeatureStore(store_uri, storage_cfg)
+    tables = [t for t in (store.read_shard(str(uri), columns) for uri in batch["shard"]) if t is not None]
+    return pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in columns[:1]})
+
+
+def _columns_read(cfg: Config, checkpoint: str) -> list[str]:
+    """The feature columns the checkpoint's learner reads (nothing else is fetched from the store)."""
+    from bimors.models.checkpoint import read_meta
+    from bimors.models.learners import LEARNERS
+
+    uses = LEARNERS[read_meta(checkpoint, cfg.storage)["method"]].uses
+    return [c for c in ("image_emb", "visual_tokens", "caption_emb") if c in uses]

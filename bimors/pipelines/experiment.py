@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from bimors import storage
 from bimors.config import Config
-from bimors.pipelines.evaluate import evaluate_rows
+from bimors.pipelines.evaluate import evaluate_splits
 from bimors.pipelines.feature_store import FeatureStore
 from bimors.pipelines.metrics import ClassificationReport, harmonic_mean
 from bimors.pipelines.protocol_data import ProtocolData, protocol_data
@@ -80,7 +80,7 @@ def run_experiment(cfg: Config, store: FeatureStore, output: str, register: bool
     from bimors import tracking
 
     data = protocol_data(cfg, store, cfg.seed)
-    dataset = store.read_manifest().schema.metadata.get(b"bimors.dataset", b"dataset").decode()
+    dataset = data.dataset
     method = cfg.model.learner.method
     run_name = cfg.train.name or f"{dataset}-{method}-seed{cfg.seed}-{cfg.data.subsample}-{config_digest(cfg)}"
     uri = tracking.tracking_uri(cfg.tracking) if cfg.tracking.enabled else None
@@ -110,13 +110,8 @@ def _fit_and_evaluate(cfg, store, data: ProtocolData, output, run_name, dataset,
 
         result = fit(cfg, data, runs, run_name, mlflow)
         checkpoint, history = result.checkpoint, result.history
-    reports: dict[str, ClassificationReport] = {}
-    if cfg.data.subsample == "base":
-        reports["base"] = evaluate_rows(cfg, checkpoint, data.classnames, data.splits["test"], "evaluate base classes")
-        new = protocol_data(cfg, store, cfg.seed, "new")
-        reports["new"] = evaluate_rows(cfg, checkpoint, new.classnames, new.splits["test"], "evaluate new classes")
-    else:
-        reports[cfg.data.subsample] = evaluate_rows(cfg, checkpoint, data.classnames, data.splits["test"])
+    label = "evaluate base and new classes" if set(data.tests) == {"base", "new"} else "evaluate"
+    reports: dict[str, ClassificationReport] = evaluate_splits(cfg, checkpoint, store, data.tests, label)
     return RunReport(run_name, dataset, cfg.model.learner.method, cfg.seed, checkpoint, reports, history)
 
 

@@ -49,6 +49,9 @@ ERROR_SCHEMA = pa.schema(
     ]
 )
 EMBEDDING_COLUMNS = ("caption_emb", "image_emb", "visual_tokens")
+#: Rows per Parquet row group of a shard. Shards are sorted by tile_id, so the row groups' min/max
+#: statistics let a selection of tiles skip the groups (and their visual tokens) it does not need.
+ROW_GROUP_ROWS = 64
 _SHAPES_KEY = b"bimors.shapes"
 
 
@@ -118,15 +121,23 @@ class FeatureStore:
 
     def shards(self, kind: str) -> list[str]:
         fs, base = storage.filesystem(self.path(kind), self.storage_cfg)
-        try:
+        with storage.translated_errors(self.path(kind), self.storage_cfg):
             if not fs.exists(base):
                 return []
             names = fs.ls(base, detail=False)
-        except Exception as err:  # noqa: BLE001
-            raise storage.explain(self.path(kind), err) from err
         return sorted(self.path(kind, n.rsplit("/", 1)[-1]) for n in names if n.endswith(".parquet"))
 
-    def _read_shard(self, uri: str, columns: Sequence[str] | None) -> pa.Table | None:
+    def shapes(self) -> dict[str, list[int]]:
+        """The embedding shapes recorded in the features shards' metadata (from one shard's footer)."""
+        shards = self.shards(FEATURES)
+        if not shards:
+            return {}
+        fs, path = storage.filesystem(shards[0], self.storage_cfg)
+        with storage.translated_errors(shards[0], self.storage_cfg), fs.open(path, "rb", cache_type="none") as handle:
+            metadata = pq.read_schema(handle).metadata or {}
+        return json.loads(metadata.get(_SHAPES_KEY, b"{}"))
+
+    def read_shard(self, uri: str, columns: Sequence[str] | None, tile_ids: pa.Array | None = None) -> pa.Table | None:
         """The ``columns`` of one shard (Parquet projection: ``done_tile_ids`` reads the ``tile_id``
         chunks, not the visual tokens), or ``None`` when its bytes, read completely, are not valid
         Parquet (a torn or corrupt file): only then is it moved aside (``quarantine/``) and its
@@ -134,19 +145,23 @@ class FeatureStore:
 
         A storage error (timeout, refused or reset connection, 5xx, 403) is retried by the client
         with bounded back-off and then raised as :class:`~bimors.storage.StorageError`, naming the
-        URI: it says nothing about the shard's content, so nothing in the store is touched."""
+        URI: it says nothing about the shard's content, so nothing in the store is touched.
+
+        With ``tile_ids``, only those rows, and only the row groups whose tile_id range can hold
+        one of them are fetched."""
         wanted = list(columns) if columns else None
+        where = None if tile_ids is None else pc.field("tile_id").isin(tile_ids)
         fs, path = storage.filesystem(uri, self.storage_cfg)
         try:  # ranged reads: the footer and the wanted columns' chunks, not the whole shard
             with fs.open(path, "rb", cache_type="none") as handle:
-                return pq.read_table(handle, columns=wanted)
+                return pq.read_table(handle, columns=wanted, filters=where)
         except (pa.ArrowException, ValueError) as err:  # bad content, or a fault pyarrow wrapped: read it whole
             log.debug("ranged read of %s failed (%s); reading it whole", uri, err)
         except Exception as err:  # noqa: BLE001 - the storage failed (after the client's retries)
-            raise storage.explain(uri, err) from err
+            raise storage.storage_error(uri, err, self.storage_cfg) from err
         data = storage.read_bytes(uri, self.storage_cfg)  # a storage error is raised here, nothing is touched
         try:
-            return pq.read_table(pa.BufferReader(data), columns=wanted)
+            return pq.read_table(pa.BufferReader(data), columns=wanted, filters=where)
         except (pa.ArrowException, OSError, ValueError) as err:  # parsing bytes in memory: the content is bad
             self._quarantine(uri, err)
             return None
@@ -160,27 +175,30 @@ class FeatureStore:
 
     def read(self, kind: str, columns: Sequence[str] | None = None, tile_ids: set[str] | None = None) -> pa.Table:
         """All shards of ``features`` or ``errors`` as one table (unreadable shards are dropped);
-        with ``tile_ids``, only those rows (filtered shard by shard, so memory follows the selection)."""
-        tables = [t for t in (self._read_shard(u, columns) for u in self.shards(kind)) if t is not None]
-        if tile_ids is not None:
-            wanted = pa.array(sorted(tile_ids), pa.string())
-            tables = [t.filter(pc.is_in(t["tile_id"], wanted)) for t in tables]
+        with ``tile_ids``, only those rows (filtered in the Parquet reader, so memory and bytes read
+        follow the selection)."""
+        wanted = None if tile_ids is None else pa.array(sorted(tile_ids), pa.string())
+        tables = [t for t in (self.read_shard(u, columns, wanted) for u in self.shards(kind)) if t is not None]
         if not tables:
             if kind == ERRORS:
                 return ERROR_SCHEMA.empty_table()
             return pa.table({name: pa.array([], pa.string()) for name in (columns or ["tile_id"])})
         return pa.concat_tables(tables, promote_options="default")
 
+    def tile_ids(self) -> tuple[set[str], set[str]]:
+        """(stored, failed) tile ids: the ``tile_id`` column of every shard, nothing else."""
+        stored, failed = (set(self.read(kind, ["tile_id"]).column("tile_id").to_pylist()) for kind in (FEATURES, ERRORS))
+        return stored, failed
+
     def done_tile_ids(self) -> set[str]:
         """Tiles already stored or already recorded as failed."""
-        done: set[str] = set()
-        for kind in (FEATURES, ERRORS):
-            done.update(self.read(kind, ["tile_id"]).column("tile_id").to_pylist())
-        return done
+        stored, failed = self.tile_ids()
+        return stored | failed
 
     def write_shard(self, kind: str, table: pa.Table) -> str:
         uri = self.path(kind, shard_name(table.column("tile_id").to_pylist()))
-        storage.write_parquet(uri, table, self.storage_cfg)
+        table = table.sort_by("tile_id")  # so the row groups' tile_id statistics prune selections
+        storage.write_parquet(uri, table, self.storage_cfg, row_group_size=ROW_GROUP_ROWS)
         return uri
 
     def features(self, columns: Sequence[str] | None = None, tile_ids: set[str] | None = None) -> pa.Table:

@@ -1,7 +1,7 @@
 """Featurize: tiles in object storage -> Parquet feature store, on Ray Data.
 
 decode (tasks) -> caption + caption embedding (BLIP-2/BERT actor pool) -> CLIP image features
-(actor pool) -> shard writer (tasks). Tiles already in the store (stored or failed) are skipped
+(actor pool) -> shard writers (actor pool). Tiles already in the store (stored or failed) are skipped
 before the dataset is built, so a re-run writes nothing and a killed run resumes where it stopped.
 """
 
@@ -142,8 +142,8 @@ def _run(cfg: Config, todo: pa.Table, store: FeatureStore, summary: FeaturizeSum
         fn_constructor_kwargs={"store_uri": store.uri, "storage_cfg": cfg.storage},
         batch_size=fc.shard_rows,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=fc.decode.num_cpus,
+        compute=ray.data.ActorPoolStrategy(size=fc.writers, max_tasks_in_flight_per_actor=1),
+        num_cpus=fc.writer_cpus,
     )
     failures: Counter[str] = Counter()
     with Progress("featurize", todo.num_rows, "tiles") as progress:

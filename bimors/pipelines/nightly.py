@@ -86,10 +86,8 @@ def list_scenes(input_uri: str, cfg: Config, stac: str | None = None) -> list[st
     input_uri = normalise(input_uri)
     suffixes = tuple(s.lower() for s in cfg.scene.suffixes)
     fs, base = storage.filesystem(input_uri, cfg.storage)
-    try:
+    with storage.translated_errors(input_uri, cfg.storage):
         found = fs.find(base) if fs.isdir(base) else ([base] if fs.exists(base) else None)
-    except Exception as err:  # noqa: BLE001
-        raise storage.explain(input_uri, err) from err
     if found is None:
         raise storage.StorageError(f"{input_uri}: no such file or prefix")
     remote = storage.is_remote(input_uri)
@@ -138,11 +136,9 @@ def scene_key(scene_uri: str, input_uri: str) -> str:
 def read_scene_manifest(output_uri: str, cfg: Config) -> pa.Table:
     fs, base = storage.filesystem(output_uri, cfg.storage)
     folder = posixpath.join(base, MANIFEST)
-    try:
+    with storage.translated_errors(output_uri, cfg.storage):
         files = sorted(f for f in fs.find(folder) if f.endswith(".parquet")) if fs.exists(folder) else []
         tables = [pq.read_table(f, filesystem=fs, schema=MANIFEST_SCHEMA) for f in files]
-    except Exception as err:  # noqa: BLE001
-        raise storage.explain(output_uri, err) from err
     return pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
 
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from bimors import storage
 from bimors.config import Config, ConfigError
 from bimors.data.protocols import transfer_pairing
-from bimors.pipelines.evaluate import evaluate_rows
+from bimors.pipelines.evaluate import evaluate_splits
 from bimors.pipelines.experiment import RunReport, prepare_store, run_experiment
-from bimors.pipelines.protocol_data import protocol_data
+from bimors.pipelines.protocol_data import eval_split
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,8 @@ def transfer(cfg: Config, output: str, protocol: str) -> ProtocolTable:
             table.add(method, source, report.accuracies()["all"], report.reports["all"].count)
             table.runs.append(report)
             for name, store in target_stores.items():
-                target = protocol_data(_variant(cfg, method, seed, "all", dataset=name, root=roots[name]), store, seed, "all")
-                result = evaluate_rows(run_cfg, report.checkpoint, target.classnames, target.splits["test"])
+                target = eval_split(_variant(cfg, method, seed, "all", dataset=name, root=roots[name]), store, seed)
+                result = evaluate_splits(run_cfg, report.checkpoint, store, {"all": target}, f"evaluate on {name}")["all"]
                 table.add(method, name, 100 * result.accuracy, result.count)
     return table
 

@@ -193,7 +193,7 @@ class SceneReader:
         except RasterioError as err:  # before OSError: GDAL's I/O errors are both
             raise SceneError(f"{uri}: not a readable raster image ({_first_line(err)})") from None
         except OSError as err:
-            raise storage.explain(uri, err) from None
+            raise storage.storage_error(uri, err, storage_cfg) from None
         ds = self.dataset
         limit = max_pixels or cfg.max_pixels
         if ds.width * ds.height > limit:
