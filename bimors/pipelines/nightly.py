@@ -182,7 +182,7 @@ def run_nightly(
         pinned = pin_model(model_uri, cfg)  # once, here: a bad --model fails before any actor starts
         report.model_identity = pinned.record()
         log.info("nightly: model %s pinned to %s (%s)", model_uri, pinned.uri, pinned.digest)
-        keys = {s: k for s, k in todo}
+        keys = dict(todo)
         tasks = [SceneTask(s, storage.join(output_uri, k)) for s, k in todo]
         rows: list[dict[str, Any]] = []
         tiles: list[Progress] = []  # made once the scenes are planned and their tiles counted

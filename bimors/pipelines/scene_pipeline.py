@@ -163,7 +163,7 @@ def classify_scenes(
     tiles = {index: tile_rows(plan, cfg.scene, index) for index, plan in plans.items()}
     total = sum(len(rows) for rows in tiles.values())
     ds = _dataset(cfg, model, info, plans, tiles)
-    writer = ray.remote(_write_scene).options(num_cpus=cfg.scene.writer_cpus, max_retries=0)
+    writer = ray.remote(write_scene).options(num_cpus=cfg.scene.writer_cpus, max_retries=0)  # the per-scene step
     collected: dict[int, list[dict[str, Any]]] = {index: [] for index in plans}
     writing: dict[Any, int] = {}
     started, done = time.time(), 0
@@ -173,7 +173,9 @@ def classify_scenes(
             collected[scene].append(row)
             if len(collected[scene]) == len(tiles[scene]):
                 rows = collected.pop(scene)
-                writing[writer.remote(plans[scene], rows, tasks[scene].output, info.classnames, cfg, model.record(), started)] = scene
+                writing[writer.remote(
+                    plans[scene], rows, tasks[scene].output, info.classnames, cfg.scene, cfg.storage, model.record(), started
+                )] = scene
         done += batch.num_rows
         if on_tiles:
             on_tiles(done, total)
@@ -233,14 +235,6 @@ def _interleaved_blocks(tiles: dict[int, list[dict[str, Any]]], size: int) -> li
     per_scene = [[rows[i : i + size] for i in range(0, len(rows), size)] for rows in tiles.values()]
     rounds = max(len(blocks) for blocks in per_scene)
     return [pa.Table.from_pylist(blocks[r]) for r in range(rounds) for blocks in per_scene if r < len(blocks)]
-
-
-def _write_scene(
-    plan: ScenePlan, rows: list[dict[str, Any]], output: str, classnames: list[str], cfg: Config,
-    model: dict[str, Any], started: float,
-) -> SceneResult:
-    """The per-scene step (a Ray task): the scene's outputs from its tile rows."""
-    return write_scene(plan, rows, output, classnames, cfg.scene, cfg.storage, model, started=started)
 
 
 def _outcome(ref: Any, task: SceneTask) -> SceneOutcome:
