@@ -425,6 +425,8 @@ def _download(source: str, uri: str, cfg: Config) -> Path:
         (staging / where).write_text(Path(local).relative_to(staging).as_posix())
 
     entry = storage.publish_folder(root / hashlib.sha256(f"{uri} {source}".encode()).hexdigest()[:16], download)
+    if not (entry / where).exists():  # an entry downloaded before publish_folder: its marker holds the path
+        return entry / (entry / storage.COMPLETE).read_text()
     return entry / (entry / where).read_text()
 
 
