@@ -125,3 +125,97 @@ def test_loads_from_object_storage_folder_and_checkpoint(backbone, model_dir, s3
     assert from_file.identity["fingerprint"] == backbone.identity["fingerprint"]
     with pytest.raises(Exception, match=f"s3://{bucket}/nothing-here"):
         FrozenCLIP.load(BackboneConfig(name=f"s3://{bucket}/nothing-here", pretrained=None), s3_storage)
+
+
+# ------------------------------------------------------------------ QuickGELU (OpenAI's weights)
+
+_QUICK_GELU_PROBE = r"""
+import json, sys
+import numpy as np, open_clip, torch
+from bimors.config import BackboneConfig
+from bimors.models.clip_backbone import FrozenCLIP
+
+weights = sys.argv[1]
+loaded = FrozenCLIP.load(BackboneConfig(name="ViT-B-16", pretrained="openai", precision="fp32"))
+pixels = torch.from_numpy(np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype("float32"))
+ids = open_clip.get_tokenizer("ViT-B-16")(["a photo of a forest.", "a photo of a river."])
+out = {"identity_quick_gelu": loaded.identity.get("quick_gelu", False)}
+with torch.no_grad():
+    ours_img = loaded.model.encode_image(pixels)
+    ours_txt = loaded.model.encode_text(ids)
+    for label, arch in (("quickgelu", "ViT-B-16-quickgelu"), ("gelu", "ViT-B-16")):
+        ref = open_clip.create_model(arch, pretrained=weights, weights_only=True).eval()
+        out[label] = max((ours_img - ref.encode_image(pixels)).abs().max().item(),
+                         (ours_txt - ref.encode_text(ids)).abs().max().item())
+print(json.dumps(out))
+"""
+
+
+def test_an_openai_tag_builds_the_backbone_with_quick_gelu_offline(tmp_path):
+    """``pretrained: openai`` through open_clip's real hub path, from a pre-filled Hugging Face cache
+    (``HF_HUB_OFFLINE=1``; random ViT-B/16 weights stand in for OpenAI's): the loaded backbone equals
+    open_clip's QuickGELU build of those weights and differs from its GELU build."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-16-quickgelu")
+    snapshot = tmp_path / "hf" / "hub" / "models--timm--vit_base_patch16_clip_224.openai"
+    (snapshot / "refs").mkdir(parents=True)
+    (snapshot / "refs" / "main").write_text("0" * 40)
+    files = snapshot / "snapshots" / ("0" * 40)
+    files.mkdir(parents=True)
+    weights = files / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    del model
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", _QUICK_GELU_PROBE, str(weights)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["identity_quick_gelu"] is True
+    assert result["quickgelu"] < 1e-5, result
+    assert result["gelu"] > 1e-3, result  # the activation matters on these weights: the check can fail
+
+
+def _openai_format_file(model_dir, tmp_path):
+    tiny = open_clip.create_model("bimors-tiny")
+    tiny.load_state_dict(open_clip.factory.load_state_dict(str(model_dir / "clip-tiny" / "open_clip_model.safetensors")))
+    state = dict(tiny.state_dict())
+    state.update(input_resolution=torch.tensor(224), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    path = tmp_path / "ViT-tiny-openai.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_an_openai_format_checkpoint_file_loads_with_quick_gelu(backbone, model_dir, tmp_path):
+    path = _openai_format_file(model_dir, tmp_path)
+    loaded = FrozenCLIP.load(BackboneConfig(name="bimors-tiny", pretrained=str(path)))
+    assert loaded.identity["quick_gelu"] is True
+    assert loaded.identity["fingerprint"] == backbone.identity["fingerprint"]  # same weights ...
+    activations = {type(m).__name__ for m in loaded.model.modules() if "GELU" in type(m).__name__}
+    assert activations == {"QuickGELU"}  # ... built with OpenAI's activation
+    assert "quick_gelu" not in backbone.identity  # GELU builds keep the identity they always had
+    image = backbone.preprocess(random_images(1, seed=3))
+    assert not torch.allclose(loaded.encode_image(image).embedding, backbone.encode_image(image).embedding, atol=1e-4)
+
+
+def test_a_torchscript_archive_is_refused_without_running_it(tmp_path):
+    path = tmp_path / "ViT-B-16.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    with pytest.raises(ModelUnavailableError, match="TorchScript archive .* never runs code"):
+        FrozenCLIP.load(BackboneConfig(name="bimors-tiny", pretrained=str(path)))
+
+
+def test_a_learner_trained_on_the_gelu_build_is_refused_on_the_quick_gelu_build(backbone, model_dir, tmp_path):
+    from bimors.config import LearnerConfig
+    from bimors.models.checkpoint import CheckpointMismatchError, load_learner, save_learner
+    from bimors.models.classifier import build_learner
+
+    learner = build_learner(LearnerConfig(method="coop"), backbone, caption_dim=384)
+    save_learner(str(tmp_path / "ckpt"), learner, ["a", "b"], backbone.identity, {})
+    quick = FrozenCLIP.load(BackboneConfig(name="bimors-tiny", pretrained=str(_openai_format_file(model_dir, tmp_path))))
+    with pytest.raises(CheckpointMismatchError, match="QuickGELU"):
+        load_learner(str(tmp_path / "ckpt"), quick)

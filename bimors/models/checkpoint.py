@@ -81,8 +81,15 @@ def read_meta(uri: str, storage_cfg: StorageConfig | None = None) -> dict[str, A
 
 def check_backbone(uri: str, saved: dict[str, Any], backbone: FrozenCLIP) -> None:
     current = backbone.identity
-    keys = ("embed_dim", "text_width", "vision_width", "fingerprint")
+    keys = ("embed_dim", "text_width", "vision_width", "fingerprint", "quick_gelu")
     diffs = [k for k in keys if saved.get(k) != current.get(k)]
+    if diffs == ["quick_gelu"]:
+        raise CheckpointMismatchError(
+            f"checkpoint {uri} was trained on {saved.get('name')!r} (pretrained {saved.get('pretrained')!r}) built "
+            f"{'with' if saved.get('quick_gelu') else 'without'} QuickGELU, and the loaded backbone is built "
+            f"{'with' if current.get('quick_gelu') else 'without'} it: same weights, other activations, other "
+            "features. Checkpoints trained before bimors built OpenAI's weights with QuickGELU need retraining."
+        )
     if diffs:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs loaded {current.get(k)!r}" for k in diffs)
         raise CheckpointMismatchError(

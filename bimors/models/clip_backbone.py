@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -89,6 +90,69 @@ def _open_clip_source(cfg: BackboneConfig, storage_cfg: StorageConfig | None) ->
     return cfg.name, pretrained
 
 
+#: keys OpenAI's released CLIP checkpoints hold besides the weights (open_clip refuses them as unexpected)
+OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def is_torchscript_archive(path: Path) -> bool:
+    """OpenAI's own ``ViT-B-16.pt`` files are TorchScript archives: loading one runs its code."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in archive.namelist())
+
+
+def _checkpoint_keys(path: Path) -> set[str]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return set(f.keys())
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    return set(state)
+
+
+def is_openai_checkpoint(path: Path) -> bool:
+    """A checkpoint file in OpenAI's format: their TorchScript release, or a state dict with their extra keys."""
+    return is_torchscript_archive(path) or OPENAI_EXTRA_KEYS[0] in _checkpoint_keys(path)
+
+
+def tag_declares_quick_gelu(name: str, pretrained: str | None) -> bool:
+    """An open_clip pretrained tag trained with QuickGELU (OpenAI's are). open_clip builds
+    ``ViT-B-16`` with GELU even then and only warns, which moves the logits of OpenAI's weights by
+    up to 0.1."""
+    if not pretrained or name.startswith(("hf-hub:", "local-dir:")) or is_folder_reference(name):
+        return False  # hub ids and folders carry the activation in their own config
+    return bool((open_clip.get_pretrained_cfg(name, pretrained) or {}).get("quick_gelu", False))
+
+
+def trained_with_quick_gelu(name: str, pretrained: str | None) -> bool:
+    """Whether the weights (tag or local checkpoint file) were trained with QuickGELU."""
+    if pretrained and Path(pretrained).is_file():
+        return is_openai_checkpoint(Path(pretrained))
+    return tag_declares_quick_gelu(name, pretrained)
+
+
+def _create_model(name: str, pretrained: str | None, quick_gelu: bool) -> nn.Module:
+    """open_clip's factory; OpenAI-format state dicts are loaded here without their extra keys."""
+    if pretrained and Path(pretrained).is_file():
+        path = Path(pretrained)
+        if is_torchscript_archive(path):
+            raise ModelUnavailableError(
+                f"CLIP checkpoint {pretrained} is a TorchScript archive (OpenAI's release format); bimors never "
+                "runs code from a weights file. Use the open_clip tag (model.backbone.pretrained: openai, "
+                "safetensors from the hub) or a state dict saved with torch.save(model.state_dict())"
+            )
+        if is_openai_checkpoint(path):
+            model = open_clip.create_model(name, pretrained=None, force_quick_gelu=True)
+            state = open_clip.factory.load_state_dict(str(path), weights_only=True)
+            model.load_state_dict({k: v for k, v in state.items() if k not in OPENAI_EXTRA_KEYS}, strict=True)
+            return model
+    required = pretrained is not None or name.startswith(("hf-hub:", "local-dir:"))
+    return open_clip.create_model(name, pretrained=pretrained, require_pretrained=required, weights_only=True, force_quick_gelu=quick_gelu)
+
+
 def context_token_count_for(cfg: BackboneConfig, storage_cfg: StorageConfig | None, text: str) -> int:
     """How many tokens ``text`` takes between SOS and EOT in the backbone's tokenizer, read without
     loading the weights (what :func:`bimors.models.prompts.context_token_count` gives once loaded)."""
@@ -108,6 +172,10 @@ def _fingerprint(model: nn.Module) -> str:
             digest.update(key.encode())
             digest.update(state[key].detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _uses_quick_gelu(model: nn.Module) -> bool:
+    return any(isinstance(m, open_clip.transformer.QuickGELU) for m in model.modules())
 
 
 class FrozenCLIP(FrozenModule):
@@ -153,7 +221,10 @@ class FrozenCLIP(FrozenModule):
     ) -> "FrozenCLIP":
         name, pretrained = _open_clip_source(cfg, storage_cfg)
         try:
-            model = open_clip.create_model(name, pretrained=pretrained, require_pretrained=pretrained is not None or name.startswith(("hf-hub:", "local-dir:")), weights_only=True)
+            quick_gelu = trained_with_quick_gelu(name, pretrained)
+            model = _create_model(name, pretrained, quick_gelu)
+        except ModelUnavailableError:
+            raise
         except (RuntimeError, OSError) as err:
             if name.startswith("local-dir:") or (pretrained and Path(pretrained).exists()):
                 raise ModelUnavailableError(f"could not load CLIP weights from {cfg.name}: {err}") from err
@@ -167,6 +238,8 @@ class FrozenCLIP(FrozenModule):
             "vision_width": int(model.visual.class_embedding.shape[-1]) if hasattr(model.visual, "class_embedding") else None,
             "fingerprint": _fingerprint(model),
         }
+        if _uses_quick_gelu(model):  # recorded only when set, so identities of GELU models stay as they were
+            identity["quick_gelu"] = True
         dtype = resolve_dtype(cfg.precision, device)
         model = model.to(device=device, dtype=dtype)
         return cls(model, tokenizer, identity, dtype)

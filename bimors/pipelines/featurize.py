@@ -53,14 +53,21 @@ class FeaturizeSummary:
 
 def store_identity(cfg: Config) -> dict[str, Any]:
     """What makes stored features what they are: a store never mixes features of other models."""
-    return {
-        "backbone": cfg.model.backbone.model_dump(mode="json"),
+    from bimors.models.clip_backbone import tag_declares_quick_gelu
+
+    backbone = cfg.model.backbone
+    identity = {
+        "backbone": backbone.model_dump(mode="json"),
         "captioner": cfg.model.captioner.model_dump(mode="json"),
         "caption_encoder": cfg.model.caption_encoder.model_dump(mode="json"),
         "decode": cfg.data.decode.model_dump(mode="json"),
         "max_side": cfg.featurize.max_side,
         "visual_tokens": cfg.featurize.visual_tokens,
     }
+    if tag_declares_quick_gelu(backbone.name, backbone.pretrained):
+        # stores featurized before bimors honoured the tag's QuickGELU hold GELU features: never mix them
+        identity["quick_gelu"] = True
+    return identity
 
 
 def select_tiles(manifest: pa.Table, cfg: Config) -> pa.Table:
