@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from bimors.errors import BimorsError
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
-Method = Literal["zeroshot", "coop", "cocoop", "bimors"]
+Method = Literal["zeroshot", "coop", "cocoop", "bimors", "maple", "applenet"]
+#: methods whose prompts change the image tower's forward pass: they read pixels, never cached features
+PIXEL_METHODS = ("maple",)
 
 
 class ConfigError(BimorsError, ValueError):
@@ -80,6 +82,11 @@ class LearnerConfig(Section):
     train_caption_proj: bool = Field(
         True, description="train the caption projection (the reference leaves it frozen at random init)"
     )
+    prompt_depth: int = Field(9, ge=1, description="MaPLe: transformer blocks of each tower that get prompts (J)")
+    orthogonality_weight: float = Field(
+        0.05, ge=0, description="APPLeNet: weight of the context-redundancy penalty added to the cross-entropy"
+    )
+    orthogonality_temperature: float = Field(1.0, gt=0, description="APPLeNet: temperature T of that penalty")
 
 
 class ModelConfig(Section):
@@ -423,6 +430,23 @@ class Config(Section):
                 f"train.workers ({self.train.workers})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _pixel_methods_train_online(self) -> "Config":
+        if self.train.features == "online":
+            return self
+        where = [k for k, methods in (("model.learner.method", [self.model.learner.method]),
+                                      ("evaluate.methods", self.evaluate.methods)) if set(methods) & set(PIXEL_METHODS)]
+        if where:
+            raise ValueError(
+                f"{where[0]} names maple, whose prompts change the frozen image encoder's forward pass, so it "
+                "trains from pixels, not cached image features: set train.features=online"
+            )
+        return self
+
+    def methods(self) -> set[str]:
+        """Every method this config trains or evaluates."""
+        return {self.model.learner.method, *self.evaluate.methods}
 
 
 # --------------------------------------------------------------------------------------------

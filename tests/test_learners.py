@@ -115,7 +115,7 @@ def test_text_encoder_is_called_once_per_batch(backbone, features, monkeypatch):
     clf = make(backbone, "bimors")
     calls = []
     original = backbone.encode_prompts
-    monkeypatch.setattr(backbone, "encode_prompts", lambda p, e: calls.append(p.shape) or original(p, e))
+    monkeypatch.setattr(backbone, "encode_prompts", lambda p, e, deep=(): calls.append(p.shape) or original(p, e, deep))
     clf(*features)
     assert calls == [(6 * len(CLASSES), clf.prompts.length, backbone.ctx_dim)]
 

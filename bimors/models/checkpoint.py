@@ -18,7 +18,8 @@ from bimors import storage
 from bimors.config import LearnerConfig, StorageConfig
 from bimors.errors import BimorsError
 from bimors.models.clip_backbone import FrozenCLIP
-from bimors.models.learners import LEARNERS, LearnerDims, PromptLearner
+from bimors.models.learners import LearnerDims, PromptLearner
+from bimors.models.methods import LEARNERS
 
 FORMAT = "bimors-learner"
 VERSION = 1

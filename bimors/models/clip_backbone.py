@@ -40,6 +40,7 @@ class ImageFeatures:
 
     embedding: torch.Tensor  # [B, embed_dim], L2-normalised
     tokens: torch.Tensor  # [B, 1 + n_patches, vision_width], before the final LayerNorm
+    layer_means: torch.Tensor | None = None  # [B, vision_layers, vision_width]: each block's output, mean over tokens
 
 
 def build_random_clip(arch: str, folder: Path, seed: int = 0) -> None:
@@ -174,6 +175,17 @@ def _fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def _run_blocks(transformer: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, replace) -> torch.Tensor:
+    """``x`` [N, L, D] through an open_clip transformer's blocks; ``replace(i, x)`` (on [N, L, D])
+    may swap prompt tokens before block i, as MaPLe's deep prompts do."""
+    batch_first = getattr(transformer, "batch_first", True)
+    for i, block in enumerate(transformer.resblocks):
+        x = replace(i, x)
+        x = block(x if batch_first else x.transpose(0, 1), attn_mask=mask)
+        x = x if batch_first else x.transpose(0, 1)
+    return x
+
+
 def _uses_quick_gelu(model: nn.Module) -> bool:
     return any(isinstance(m, open_clip.transformer.QuickGELU) for m in model.modules())
 
@@ -263,6 +275,14 @@ class FrozenCLIP(FrozenModule):
         return self.identity["vision_width"]
 
     @property
+    def vision_layers(self) -> int:
+        return len(self.model.visual.transformer.resblocks)
+
+    @property
+    def text_layers(self) -> int:
+        return len(self.text.transformer.resblocks)
+
+    @property
     def context_length(self) -> int:
         return int(self.text.positional_embedding.shape[0])
 
@@ -291,17 +311,48 @@ class FrozenCLIP(FrozenModule):
         return ((batch.float() - self.mean) / self.std).to(self.dtype)
 
     @torch.no_grad()
-    def encode_image(self, pixels: torch.Tensor) -> ImageFeatures:
-        """One pass of the image tower -> pooled embedding and every token before ``ln_post``."""
+    def encode_image(self, pixels: torch.Tensor, layer_means: bool = False) -> ImageFeatures:
+        """One pass of the image tower -> pooled embedding and every token before ``ln_post``, and
+        with ``layer_means`` the mean token of every block's output (APPLeNet's multi-scale input)."""
         out = self.model.visual.forward_intermediates(
             pixels.to(device=self.device, dtype=self.dtype),
-            indices=1,
+            indices=None if layer_means else 1,
             output_fmt="NLC",
             output_extra_tokens=True,
         )
-        tokens = torch.cat([out["image_intermediates_prefix"][-1], out["image_intermediates"][-1]], dim=1)
+        prefix, patches = out["image_intermediates_prefix"], out["image_intermediates"]
+        tokens = torch.cat([prefix[-1], patches[-1]], dim=1)
         embedding = F.normalize(out["image_features"].float(), dim=-1)
-        return ImageFeatures(embedding=embedding, tokens=tokens.float())
+        means = None
+        if layer_means:
+            means = torch.stack([torch.cat([p, x], dim=1).float().mean(dim=1) for p, x in zip(prefix, patches)], dim=1)
+        return ImageFeatures(embedding=embedding, tokens=tokens.float(), layer_means=means)
+
+    def encode_image_prompted(self, pixels: torch.Tensor, prompts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """MaPLe's image tower: ``prompts[0]`` [n, width] is appended to the visual tokens after the
+        positional embedding (before ``ln_pre``), ``prompts[i]`` replaces those n tokens before block
+        i. Returns the normalised embedding [B, embed_dim] in fp32; gradients flow to the prompts."""
+        visual = self.model.visual
+        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+            raise ModelUnavailableError("vision prompts need a ViT pooled by its class token")
+        x = visual.conv1(pixels.to(device=self.device, dtype=self.dtype))
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+        n = prompts[0].shape[0]
+        x = torch.cat([x, prompts[0].to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
+        x = visual.ln_pre(x)
+
+        def replace(i: int, x: torch.Tensor) -> torch.Tensor:
+            if 1 <= i < len(prompts):
+                x = torch.cat([x[:, :-n], prompts[i].to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
+            return x
+
+        x = _run_blocks(visual.transformer, x, None, replace)
+        pooled = visual.ln_post(x)[:, 0] if not getattr(visual, "final_ln_after_pool", False) else visual.ln_post(x[:, 0])
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+        return F.normalize(pooled.float(), dim=-1)
 
     # ---------------------------------------------------------------- text
 
@@ -318,15 +369,26 @@ class FrozenCLIP(FrozenModule):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.text.token_embedding(ids.to(self.device)).float()
 
-    def encode_prompts(self, prompts: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+    def encode_prompts(self, prompts: torch.Tensor, eot: torch.Tensor, deep: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         """Prompt embeddings [N, L, D] (L may be shorter than the context length) -> normalised text
-        features [N, embed_dim] in fp32. Gradients flow to ``prompts``."""
+        features [N, embed_dim] in fp32. Gradients flow to ``prompts``. ``deep`` (MaPLe): ``deep[i-1]``
+        [n, D] replaces the n context tokens after SOS before block i."""
         length = prompts.shape[1]
         x = prompts.to(self.dtype) + self.text.positional_embedding[:length].to(self.dtype)
         mask = getattr(self.text, "attn_mask", None)
         if mask is not None:
             mask = mask[:length, :length].to(device=x.device, dtype=x.dtype if mask.is_floating_point() else mask.dtype)
-        x = self.text.transformer(x, attn_mask=mask)
+        if deep:
+            n = deep[0].shape[0]
+
+            def replace(i: int, x: torch.Tensor) -> torch.Tensor:
+                if 1 <= i <= len(deep):
+                    x = torch.cat([x[:, :1], deep[i - 1].to(x.dtype).expand(x.shape[0], -1, -1), x[:, 1 + n :]], dim=1)
+                return x
+
+            x = _run_blocks(self.text.transformer, x, mask, replace)
+        else:
+            x = self.text.transformer(x, attn_mask=mask)
         x = x[torch.arange(x.shape[0], device=x.device), eot.to(x.device)]
         x = self.text.ln_final(x)
         proj = self.text.text_projection

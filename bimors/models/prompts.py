@@ -35,12 +35,17 @@ def context_init_vectors(backbone: FrozenCLIP, text: str) -> torch.Tensor:
 class ClassPrompts(nn.Module):
     """Fixed parts of every class prompt, ready to receive shared or per-image context vectors."""
 
-    def __init__(self, backbone: FrozenCLIP, classnames: Sequence[str], n_ctx: int, truncate: bool = True):
+    def __init__(
+        self, backbone: FrozenCLIP, classnames: Sequence[str], n_ctx: int, truncate: bool = True, lead: str | None = None
+    ):
+        """``lead``: the words before the class name, whose first ``n_ctx`` tokens are the context
+        slots (MaPLe keeps the rest of its ``ctx_init`` as words); default: just the slots."""
         super().__init__()
         if not classnames:
             raise ValueError("at least one class name is needed")
         names = [prompt_classname(c) for c in classnames]
-        ids = backbone.tokenize([" ".join(["X"] * n_ctx) + " " + name + "." for name in names])
+        lead = lead or " ".join(["X"] * n_ctx)
+        ids = backbone.tokenize([lead + " " + name + "." for name in names])
         eot = backbone.eot_positions(ids)
         too_long = [n for n, pos in zip(names, eot.tolist()) if pos >= ids.shape[1] - 1]
         if too_long:

@@ -3,8 +3,10 @@ Data actor pool (the text encoder runs once per tile x class, which wants a GPU 
 
 Features stream from the store to the predict actors (one Ray Data read task per shard, only the
 columns the learner reads), so the driver never holds a split's features, only the small
-predictions. All splits of a run (base and new classes) are scored in one pass over the store.
-Every row given is scored; the report carries the counts so a table can never hide a subsample.
+predictions. A learner that prompts the image tower (MaPLe) has no stored features: its tiles are
+read and decoded by Ray Data tasks instead, as featurize does. All splits of a run (base and new
+classes) are scored in one pass. Every row given is scored; the report carries the counts so a
+table can never hide a subsample.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pyarrow.compute as pc
 from bimors.config import Config
 from bimors.console import Progress
 from bimors.pipelines.feature_store import FEATURES, FeatureStore, with_shapes
+from bimors.pipelines.inference import STORED_FEATURES
 from bimors.pipelines.metrics import ClassificationReport, classification_report
 from bimors.pipelines.protocol_data import EvalSplit
 from bimors.pipelines.stages import pick_device
@@ -43,17 +46,23 @@ class PredictStage:
         self.split_of = {tid: (name, label) for name, (_, labels) in splits.items() for tid, label in labels.items()}
         self.shapes = shapes
 
-    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
-        batch = with_shapes(batch, self.shapes)
-        found = [self.split_of.get(tid) for tid in batch.column("tile_id").to_pylist()]
+    def __call__(self, batch: pa.Table | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if isinstance(batch, dict):  # decoded tiles, for a learner that prompts the image tower
+            usable = [i for i, err in enumerate(batch["error"]) if not err]
+            tile_ids = [str(batch["tile_id"][i]) for i in usable]
+            score = lambda predictor, rows: predictor.classify_images([batch["image"][usable[i]] for i in rows])  # noqa: E731
+        else:
+            table = with_shapes(batch, self.shapes)
+            tile_ids = table.column("tile_id").to_pylist()
+            score = lambda predictor, rows: predictor.predict_table(table.take(pa.array(rows, pa.int64())), batch_size=len(rows))  # noqa: E731
+        found = [self.split_of.get(tid) for tid in tile_ids]
         out: dict[str, list] = {name: [] for name in PREDICTION_SCHEMA.names}
         for name, predictor in self.predictors.items():
             rows = [i for i, f in enumerate(found) if f is not None and f[0] == name]
             if not rows:
                 continue
-            part = batch.take(pa.array(rows, pa.int64()))
-            probs = predictor.predict_table(part, batch_size=len(rows))
-            out["tile_id"] += part.column("tile_id").to_pylist()
+            probs = score(predictor, rows)
+            out["tile_id"] += [tile_ids[i] for i in rows]
             out["split"] += [name] * len(rows)
             out["label"] += [found[i][1] for i in rows]
             out["prediction"] += probs.argmax(-1).tolist()
@@ -66,9 +75,7 @@ class PredictStage:
 
 
 def predict_splits(cfg: Config, checkpoint: str, store: FeatureStore, splits: dict[str, EvalSplit], label: str = "evaluate") -> dict[str, pa.Table]:
-    """Predictions for every row of every split, streamed from the store in one pass."""
-    import ray.data
-
+    """Predictions for every row of every split, streamed from the store (or the tiles) in one pass."""
     from bimors.pipelines.runtime import actor_pool, ensure_ray
 
     total = sum(s.rows.num_rows for s in splits.values())
@@ -76,26 +83,17 @@ def predict_splits(cfg: Config, checkpoint: str, store: FeatureStore, splits: di
     if total == 0:
         return empty
     ensure_ray()
-    uses = _columns_read(cfg, checkpoint)
-    shards = store.shards(FEATURES)
+    uses = _learner_uses(cfg, checkpoint)
+    source, batch_format = (_decoded_tiles(cfg, store, splits), "numpy") if "pixels" in uses else (_stored_rows(cfg, store, uses), "pyarrow")
     stage = cfg.evaluate.predict
-    # one read task per shard, through the store's own reader (projection, ranged reads, its fault
-    # rules), at a fraction of a CPU: reading is I/O, and a cluster whose CPUs the predict actors hold
-    # must still schedule it (ray.data.read_parquet lists files in a 1-CPU task that then never runs)
-    ds = ray.data.from_items([{"shard": uri} for uri in shards], override_num_blocks=max(1, len(shards))).map_batches(
-        _read_shards,
-        fn_kwargs={"store_uri": store.uri, "storage_cfg": store.storage_cfg, "columns": ["tile_id", *uses]},
-        batch_size=1,
-        batch_format="numpy",
-        num_cpus=cfg.evaluate.read_cpus,
-    ).map_batches(
+    ds = source.map_batches(
         PredictStage,
         fn_constructor_kwargs={
             "cfg": cfg, "checkpoint": checkpoint, "shapes": store.shapes(),
             "splits": {name: (list(s.classnames), s.labels()) for name, s in splits.items()},
         },
         batch_size=stage.batch_size,
-        batch_format="pyarrow",
+        batch_format=batch_format,
         compute=actor_pool(stage),
         num_cpus=stage.num_cpus,
         num_gpus=stage.num_gpus or None,
@@ -130,10 +128,46 @@ def _read_shards(batch: dict[str, np.ndarray], store_uri: str, storage_cfg: Any,
     return pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in columns[:1]})
 
 
-def _columns_read(cfg: Config, checkpoint: str) -> list[str]:
-    """The feature columns the checkpoint's learner reads (nothing else is fetched from the store)."""
-    from bimors.models.checkpoint import read_meta
-    from bimors.models.learners import LEARNERS
+def _stored_rows(cfg: Config, store: FeatureStore, uses: frozenset[str]):
+    """One read task per shard, through the store's own reader (projection to the columns the
+    learner reads, ranged reads, its fault rules), at a fraction of a CPU: reading is I/O, and a
+    cluster whose CPUs the predict actors hold must still schedule it (ray.data.read_parquet lists
+    files in a 1-CPU task that then never runs)."""
+    import ray.data
 
-    uses = LEARNERS[read_meta(checkpoint, cfg.storage)["method"]].uses
-    return [c for c in ("image_emb", "visual_tokens", "caption_emb") if c in uses]
+    shards = store.shards(FEATURES)
+    columns = ["tile_id", *(c for c in STORED_FEATURES if c in uses)]
+    return ray.data.from_items([{"shard": uri} for uri in shards], override_num_blocks=max(1, len(shards))).map_batches(
+        _read_shards,
+        fn_kwargs={"store_uri": store.uri, "storage_cfg": store.storage_cfg, "columns": columns},
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=cfg.evaluate.read_cpus,
+    )
+
+
+def _decoded_tiles(cfg: Config, store: FeatureStore, splits: dict[str, EvalSplit]):
+    """The splits' tiles read and decoded by Ray Data tasks (featurize's decode step)."""
+    import ray.data
+
+    from bimors.pipelines.stages import decode_batch
+
+    wanted = pa.array(sorted({t for s in splits.values() for t in s.rows.column("tile_id").to_pylist()}), pa.string())
+    manifest = store.read_manifest()
+    rows = manifest.filter(pc.is_in(manifest["tile_id"], wanted)).select(["tile_id", "uri"])
+    block = cfg.featurize.decode.batch_size
+    return ray.data.from_arrow([rows.slice(i, block) for i in range(0, rows.num_rows, block)]).map_batches(
+        decode_batch,
+        fn_kwargs={"decode_cfg": cfg.data.decode, "storage_cfg": cfg.storage, "max_side": cfg.featurize.max_side},
+        batch_size=block,
+        batch_format="numpy",
+        num_cpus=cfg.featurize.decode.num_cpus,
+    )
+
+
+def _learner_uses(cfg: Config, checkpoint: str) -> frozenset[str]:
+    """What the checkpoint's learner reads (nothing else is fetched from the store)."""
+    from bimors.models.checkpoint import read_meta
+    from bimors.models.methods import LEARNERS
+
+    return LEARNERS[read_meta(checkpoint, cfg.storage)["method"]].uses

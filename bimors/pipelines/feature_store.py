@@ -5,7 +5,7 @@ Layout under the store URI::
     store.json              which frozen models and decode settings produced the features
     manifest.parquet        every tile of the dataset (tile_id, uri, dataset, split, label, classname)
     features/part-*.parquet one row per stored tile (manifest columns + caption, caption_emb,
-                            image_emb, visual_tokens)
+                            image_emb, visual_tokens, and layer_means when a method reads them)
     errors/part-*.parquet   one row per failed tile (tile_id, uri, stage, error)
     quarantine/<kind>/…     shards that were read whole and were not valid Parquet (kept, not deleted)
 
@@ -48,7 +48,7 @@ ERROR_SCHEMA = pa.schema(
         pa.field("error", pa.string(), nullable=False),
     ]
 )
-EMBEDDING_COLUMNS = ("caption_emb", "image_emb", "visual_tokens")
+EMBEDDING_COLUMNS = ("caption_emb", "image_emb", "visual_tokens", "layer_means")
 #: Rows per Parquet row group of a shard. Shards are sorted by tile_id, so the row groups' min/max
 #: statistics let a selection of tiles skip the groups (and their visual tokens) it does not need.
 ROW_GROUP_ROWS = 64

@@ -64,10 +64,19 @@ def store_identity(cfg: Config) -> dict[str, Any]:
         "max_side": cfg.featurize.max_side,
         "visual_tokens": cfg.featurize.visual_tokens,
     }
+    if stores_layer_means(cfg):  # recorded only when stored, so stores of the other methods keep their identity
+        identity["layer_means"] = True
     if tag_declares_quick_gelu(backbone.name, backbone.pretrained):
         # stores featurized before bimors honoured the tag's QuickGELU hold GELU features: never mix them
         identity["quick_gelu"] = True
     return identity
+
+
+def stores_layer_means(cfg: Config) -> bool:
+    """The per-block token means are stored when a method of the config reads them (APPLeNet)."""
+    from bimors.models.methods import LEARNERS
+
+    return any("layer_means" in LEARNERS[method].uses for method in cfg.methods())
 
 
 def select_tiles(manifest: pa.Table, cfg: Config) -> pa.Table:

@@ -7,7 +7,7 @@ which :meth:`Predictor.image_features` (and :class:`CaptionModels`) turn into th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import numpy as np
@@ -21,37 +21,74 @@ from bimors.models.clip_backbone import FrozenCLIP
 from bimors.pipelines.feature_store import column_to_numpy
 
 
+#: frozen features a store can hold, in the order learners take them
+STORED_FEATURES = ("image_emb", "visual_tokens", "caption_emb", "layer_means")
+
+
 @dataclass
 class Features:
-    """What a learner reads, for a batch of tiles (any device)."""
+    """What a learner reads, for a batch of tiles (any device): stored features, or preprocessed
+    ``pixels`` for a learner that prompts the image tower (MaPLe)."""
 
-    image_emb: torch.Tensor
+    image_emb: torch.Tensor | None = None
     visual_tokens: torch.Tensor | None = None
     caption_emb: torch.Tensor | None = None
+    layer_means: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
+
+    def as_dict(self) -> dict[str, torch.Tensor | None]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def _map(self, fn) -> "Features":
+        return Features(**{k: None if v is None else fn(v) for k, v in self.as_dict().items()})
 
     def __len__(self) -> int:
-        return len(self.image_emb)
+        return next(len(v) for v in self.as_dict().values() if v is not None)
 
     def slice(self, start: int, stop: int) -> "Features":
-        cut = lambda t: None if t is None else t[start:stop]  # noqa: E731
-        return Features(self.image_emb[start:stop], cut(self.visual_tokens), cut(self.caption_emb))
+        return self._map(lambda t: t[start:stop])
 
     def take(self, index: torch.Tensor) -> "Features":
-        pick = lambda t: None if t is None else t[index]  # noqa: E731
-        return Features(self.image_emb[index], pick(self.visual_tokens), pick(self.caption_emb))
+        return self._map(lambda t: t[index])
 
     def to(self, device: torch.device | str) -> "Features":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Features(self.image_emb.to(device), move(self.visual_tokens), move(self.caption_emb))
+        return self._map(lambda t: t.to(device))
+
+    def replace(self, other: "Features") -> "Features":
+        """These features with every field ``other`` has replaced by it."""
+        return Features(**{k: other.as_dict()[k] if other.as_dict()[k] is not None else v for k, v in self.as_dict().items()})
 
 
 def features_from_table(table: pa.Table, uses: frozenset[str]) -> Features:
-    """Store rows -> Features (CPU); only the columns the learner ``uses`` are read."""
-    tensor = lambda name: torch.from_numpy(np.array(column_to_numpy(table, name)))  # noqa: E731 (a writable copy)
+    """Store rows -> Features (CPU); only the stored columns the learner ``uses`` are read."""
+    def tensor(name: str) -> torch.Tensor | None:
+        if name not in uses:
+            return None
+        if name not in table.column_names:
+            raise ValueError(
+                f"the feature store has no {name} column; featurize into a new store with a config whose "
+                f"methods read it (model.learner.method or evaluate.methods)"
+            )
+        value = torch.from_numpy(np.array(column_to_numpy(table, name)))  # a writable copy
+        return value if name == "visual_tokens" else value.float()
+
+    return Features(**{name: tensor(name) for name in STORED_FEATURES})
+
+
+def image_tower_features(backbone: FrozenCLIP, pixels: torch.Tensor, uses: frozenset[str], as_stored: bool) -> Features:
+    """Preprocessed pixels -> what the learner reads of the image tower: the pixels themselves (a
+    learner that prompts the tower) or the frozen features (``as_stored``: in the store's dtypes,
+    so a tile scores the same from raw pixels as from the store)."""
+    if "pixels" in uses:
+        return Features(pixels=pixels)
+    feats = backbone.encode_image(pixels, layer_means="layer_means" in uses)
+    tokens, means = feats.tokens, feats.layer_means
+    if as_stored:
+        tokens, means = tokens.to(torch.float16), None if means is None else means.to(torch.float16).float()
     return Features(
-        image_emb=tensor("image_emb").float(),
-        visual_tokens=tensor("visual_tokens") if "visual_tokens" in uses else None,
-        caption_emb=tensor("caption_emb").float() if "caption_emb" in uses else None,
+        image_emb=feats.embedding.float(),
+        visual_tokens=tokens if "visual_tokens" in uses else None,
+        layer_means=means,
     )
 
 
@@ -119,7 +156,7 @@ class Predictor:
 
     @torch.no_grad()
     def logits(self, features: Features) -> torch.Tensor:
-        return self.classifier(*_args(features.to(self.classifier.backbone.device)))
+        return self.classifier(**features.to(self.classifier.backbone.device).as_dict())
 
     def probabilities(self, features: Features, batch_size: int = 256) -> np.ndarray:
         """[N, C] class probabilities, computed in batches."""
@@ -133,12 +170,12 @@ class Predictor:
         return self.probabilities(features_from_table(table, self.classifier.learner.uses), batch_size)
 
     def image_features(self, images: Sequence[np.ndarray], caption_emb: torch.Tensor | None = None) -> Features:
-        """Raw uint8 RGB tiles -> the Features the store would hold for them (visual tokens kept in
-        float16 exactly as featurize stores them, so both paths give the same logits)."""
+        """Raw uint8 RGB tiles -> the Features the store would hold for them (in the store's dtypes,
+        so both paths give the same logits), or the pixels for a learner that prompts the image tower."""
         backbone = self.classifier.backbone
-        feats = backbone.encode_image(backbone.preprocess(images))
-        tokens = feats.tokens.to(torch.float16) if "visual_tokens" in self.classifier.learner.uses else None
-        return Features(feats.embedding.float(), tokens, caption_emb)
+        feats = image_tower_features(backbone, backbone.preprocess(images), self.classifier.learner.uses, as_stored=True)
+        feats.caption_emb = caption_emb
+        return feats
 
     def classify_images(self, images: Sequence[np.ndarray], captioned: Captioned | None = None) -> np.ndarray:
         """[N, C] probabilities for raw tiles; ``captioned`` comes from a :class:`CaptionModels`
@@ -168,6 +205,3 @@ class Predictor:
         captions = captioned.captions if captioned is not None else [""] * len(images)
         return self.classify_images(images, captioned), captions
 
-
-def _args(features: Features) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    return features.image_emb, features.visual_tokens, features.caption_emb

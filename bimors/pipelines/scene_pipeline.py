@@ -76,7 +76,7 @@ class ModelInfo:
     def of(cls, model: PinnedModel, cfg: Config) -> "ModelInfo":
         from bimors import tracking
         from bimors.models.checkpoint import read_meta
-        from bimors.models.learners import LEARNERS
+        from bimors.models.methods import LEARNERS
 
         meta = read_meta(tracking.resolve_checkpoint(model.uri, cfg), cfg.storage)
         return cls(list(meta["classnames"]), "caption_emb" in LEARNERS[meta["method"]].uses)

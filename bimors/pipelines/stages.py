@@ -131,19 +131,23 @@ class CaptionStage:
 
 
 class ClipStage:
-    """Frozen CLIP image tower: normalised embedding and (optionally) the visual tokens."""
+    """Frozen CLIP image tower: normalised embedding and (optionally) the visual tokens and the
+    per-block token means."""
 
     def __init__(self, cfg: Config, num_gpus: float = 0.0):
         from bimors.models.clip_backbone import FrozenCLIP
+        from bimors.pipelines.featurize import stores_layer_means
 
         self.backbone = FrozenCLIP.load(cfg.model.backbone, cfg.storage, pick_device(num_gpus))
         self.keep_tokens = cfg.featurize.visual_tokens
+        self.keep_means = stores_layer_means(cfg)
 
-    def _encode(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        feats = self.backbone.encode_image(self.backbone.preprocess(images))
+    def _encode(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        feats = self.backbone.encode_image(self.backbone.preprocess(images), layer_means=self.keep_means)
         emb = feats.embedding.cpu().numpy()
         tokens = feats.tokens.to(torch.float16).cpu().numpy()
-        return list(zip(emb, tokens))
+        means = feats.layer_means.to(torch.float16).cpu().numpy() if feats.layer_means is not None else [None] * len(emb)
+        return list(zip(emb, tokens, means))
 
     def __call__(self, batch: Batch) -> Batch:
         n = len(batch["tile_id"])
@@ -151,6 +155,7 @@ class ClipStage:
         n_tokens = 1 + (b.image_size // b.model.visual.patch_size[0]) ** 2
         image_emb = np.zeros((n, b.embed_dim), np.float32)
         tokens = np.zeros((n, n_tokens, b.vision_width), np.float16) if self.keep_tokens else None
+        means = np.zeros((n, b.vision_layers, b.vision_width), np.float16) if self.keep_means else None
         rows = _healthy(batch)
         for i, result in zip(rows, run_isolated(self._encode, [batch["image"][i] for i in rows])):
             if isinstance(result, BaseException):
@@ -159,9 +164,13 @@ class ClipStage:
             image_emb[i] = result[0]
             if tokens is not None:
                 tokens[i] = result[1]
+            if means is not None:
+                means[i] = result[2]
         batch["image_emb"] = image_emb
         if tokens is not None:
             batch["visual_tokens"] = tokens
+        if means is not None:
+            batch["layer_means"] = means
         del batch["image"]  # pixels are not stored; dropping them here keeps the writer's input small
         return batch
 
@@ -227,7 +236,8 @@ def write_batch(batch: Batch, store: "FeatureStore") -> Batch:
         }
         columns["caption"] = pa.array(batch["caption"][ok].tolist(), pa.string())
         shapes = {}
-        for name, dtype in (("caption_emb", pa.float32()), ("image_emb", pa.float32()), ("visual_tokens", pa.float16())):
+        for name, dtype in (("caption_emb", pa.float32()), ("image_emb", pa.float32()), ("visual_tokens", pa.float16()),
+                            ("layer_means", pa.float16())):
             if name in batch:
                 values = np.asarray(batch[name][ok])
                 columns[name] = tensor_column(values, dtype)

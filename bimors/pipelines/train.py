@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from bimors import storage
@@ -30,7 +29,7 @@ from bimors.models.checkpoint import load_learner, save_learner
 from bimors.models.classifier import PromptClassifier, build_learner
 from bimors.models.clip_backbone import FrozenCLIP
 from bimors.models.frozen import resolve_dtype
-from bimors.pipelines.inference import Features, Predictor, features_from_table
+from bimors.pipelines.inference import Features, Predictor, features_from_table, image_tower_features
 from bimors.pipelines.protocol_data import ProtocolData, labels_of
 from bimors.pipelines.schedule import build_optimizer, learning_rate, set_learning_rate
 
@@ -116,19 +115,42 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.nda
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _online_features(backbone: FrozenCLIP, uris: list[str], cfg: Config, generator: torch.Generator) -> Features:
+def _online_features(backbone: FrozenCLIP, uris: list[str], cfg: Config, generator: torch.Generator, uses: frozenset[str]) -> Features:
+    """Fresh augmented crops through the frozen image tower (or, for a learner that prompts the
+    tower, the crops themselves)."""
     from bimors.data.augment import random_resized_crop_flip
-    from bimors.data.tiles import read_tile
 
     crops = torch.stack([
-        random_resized_crop_flip(
-            read_tile(uri, cfg.data.decode, cfg.storage, cfg.featurize.max_side),
-            backbone.image_size, generator, cfg.train.augment.crop_scale, cfg.train.augment.flip,
-        )
+        random_resized_crop_flip(_read(uri, cfg), backbone.image_size, generator, cfg.train.augment.crop_scale, cfg.train.augment.flip)
         for uri in uris
     ])
-    feats = backbone.encode_image(backbone.preprocess(crops))
-    return Features(feats.embedding, feats.tokens)
+    return image_tower_features(backbone, backbone.preprocess(crops), uses, as_stored=False)
+
+
+def _read(uri: str, cfg: Config):
+    from bimors.data.tiles import read_tile
+
+    return read_tile(uri, cfg.data.decode, cfg.storage, cfg.featurize.max_side)
+
+
+def _validation_features(backbone: FrozenCLIP, rows: pa.Table, cfg: Config, uses: frozenset[str]) -> Features:
+    """Stored features of the validation tiles; their pixels (no augmentation) for a learner that
+    prompts the image tower."""
+    if "pixels" not in uses:
+        return features_from_table(rows, uses)
+    uris = rows.column("uri").to_pylist()
+    return Features(pixels=backbone.preprocess([_read(uri, cfg) for uri in uris]) if uris else None)
+
+
+class _Objective(torch.nn.Module):
+    """The classifier's training loss as a module's forward, so DDP sees (and syncs) the whole step."""
+
+    def __init__(self, classifier: PromptClassifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, labels: torch.Tensor, **features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.classifier.training_loss(labels, **features)
 
 
 def _autocast(cfg: Config, device: torch.device):
@@ -162,9 +184,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     backbone = FrozenCLIP.load(cfg.model.backbone, cfg.storage, device)
     learner = build_learner(cfg.model.learner, backbone, caption_dim=config["caption_dim"])
     classifier = PromptClassifier(backbone, learner, classnames)
-    model = classifier
+    model = _Objective(classifier)
     if world > 1:
-        model = ray.train.torch.prepare_model(classifier, parallel_strategy_kwargs={"broadcast_buffers": False})
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     optimizer = build_optimizer(cfg.optim, classifier.trainable_parameters())
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
@@ -179,7 +201,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_feats = features_from_table(train_rows, learner.uses)
     train_labels = torch.from_numpy(labels_of(train_rows))
     uris = train_rows.column("uri").to_pylist()
-    val_feats, val_labels = features_from_table(val_rows, learner.uses), labels_of(val_rows)
+    val_feats = _validation_features(backbone, val_rows, cfg, learner.uses) if rank == 0 else None
+    val_labels = labels_of(val_rows)
     autocast, scaler = _autocast(cfg, device)
     local = cfg.optim.batch_size // world
 
@@ -194,14 +217,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             feats = train_feats.take(mine)
             if online:  # fresh crops through the frozen image tower; captions still come from the store
                 seed = int(np.random.SeedSequence([cfg.seed, epoch, step, rank]).generate_state(1)[0])
-                image = _online_features(backbone, [uris[i] for i in mine.tolist()], cfg, torch.Generator().manual_seed(seed))
-                feats = Features(image.image_emb, image.visual_tokens, feats.caption_emb)
-                totals[3] += image.image_emb.shape[0]
+                image = _online_features(backbone, [uris[i] for i in mine.tolist()], cfg, torch.Generator().manual_seed(seed), learner.uses)
+                feats = feats.replace(image)
+                totals[3] += len(image)
             feats = feats.to(device)
             labels = train_labels[mine].to(device)
             with autocast:
-                logits = model(feats.image_emb, feats.visual_tokens, feats.caption_emb)
-                loss = F.cross_entropy(logits.float(), labels)
+                logits, loss = model(labels, **feats.as_dict())
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
