@@ -17,11 +17,12 @@ Parameters map one to one onto the reference implementation (mainaksingha01/APPL
                               no bias, ReLU between, sigmoid
     injection.linearlayer1.0  Linear(2E -> E)                    prompt_learner.injection.linearlayer1.0
     injection.linearlayer2.0  Linear(2E -> text width)           prompt_learner.injection.linearlayer2.0
-    meta_net.linear1|linear2  Linear(E -> E/16), (E/16 -> text)  prompt_learner.meta_net.linear1|linear2
+    meta_net.linear1|linear2  Linear(D -> E/16), (E/16 -> D)     prompt_learner.meta_net.linear1|linear2
 
-E is the joint embedding width (512 at ViT-B/16). The reference hard-codes 12 blocks and 768 -> 512
-for ``multi`` and writes the meta-net's output as the image width; at ViT-B/16 all of these equal
-the widths used here, which come from the backbone so any ViT works. Its ``AdaIN_trans.mu`` is the
+E is the joint embedding width, D the text width (both 512 at ViT-B/16). The reference hard-codes 12
+blocks and 768 -> 512 for ``multi`` and writes the meta-net's ends as the embedding width although it
+reads the injection block's D-wide output and shifts D-wide context tokens; at ViT-B/16 all of these
+equal the widths used here, which come from the backbone so any ViT works. Its ``AdaIN_trans.mu`` is the
 token mean; its ``gap`` (AdaptiveAvgPool2d((1, 512))) is the mean over the L+1 injected tokens; its
 four identical meta-net calls concatenated for n_ctx = 4 are one shift broadcast over n_ctx tokens.
 """
@@ -80,7 +81,7 @@ class APPLeNet(PromptLearner):
         self.injection = InjectionBlock(embed, dims.ctx_dim)
         self.multi = MultiScale(dims.vision_layers, dims.vision_width, embed)
         self.meta_net = nn.Sequential(OrderedDict([
-            ("linear1", nn.Linear(embed, hidden)), ("relu", nn.ReLU(inplace=True)), ("linear2", nn.Linear(hidden, dims.ctx_dim)),
+            ("linear1", nn.Linear(dims.ctx_dim, hidden)), ("relu", nn.ReLU(inplace=True)), ("linear2", nn.Linear(hidden, dims.ctx_dim)),
         ]))
 
     def forward(self, image_emb=None, visual_tokens=None, caption_emb=None, layer_means=None) -> torch.Tensor:
