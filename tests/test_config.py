@@ -25,6 +25,29 @@ def test_shipped_configs_validate():
     assert paper.data.shots == 16
 
 
+def test_paper_configs_of_maple_and_applenet_hold_their_papers_settings():
+    maple = load_config(REPO / "configs" / "paper-maple.yaml")
+    learner, o = maple.model.learner, maple.optim
+    assert (learner.method, learner.n_ctx, learner.ctx_init, learner.prompt_depth) == ("maple", 2, "a photo of a", 9)
+    assert (o.name, o.lr, o.epochs, o.batch_size, o.warmup_epochs, o.warmup_lr) == ("sgd", 0.0035, 5, 4, 1, 1e-5)
+    assert maple.train.features == "online" and maple.evaluate.methods == ["maple"]
+    applenet = load_config(REPO / "configs" / "paper-applenet.yaml")
+    learner, o = applenet.model.learner, applenet.optim
+    assert (learner.method, learner.n_ctx, learner.orthogonality_weight, learner.orthogonality_temperature) == ("applenet", 4, 0.05, 1.0)
+    assert (o.name, o.lr, o.epochs, o.batch_size, o.warmup_epochs, o.warmup_lr) == ("sgd", 0.002, 10, 4, 1, 1e-5)
+    for cfg in (maple, applenet):
+        assert (cfg.model.backbone.name, cfg.model.backbone.pretrained) == ("ViT-B-16", "openai")
+
+
+def test_maple_with_cached_features_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.features=online"):
+        load_config(REPO / "configs" / "quickstart.yaml", ["model.learner.method=maple"])
+    with pytest.raises(ConfigError, match="evaluate.methods names maple"):
+        load_config(REPO / "configs" / "quickstart.yaml", ["evaluate.methods=[coop, maple]"])
+    online = load_config(REPO / "configs" / "quickstart.yaml", ["model.learner.method=maple", "train.features=online"])
+    assert online.methods() >= {"maple"}
+
+
 def test_overrides_are_typed_yaml_values():
     cfg = load_config(REPO / "configs" / "quickstart.yaml", ["optim.lr=0.5", "model.learner.method=coop",
                                                              "data.decode.bands=[4, 3, 2]", "model.learner.ctx_init=null"])

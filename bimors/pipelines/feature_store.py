@@ -94,19 +94,30 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ identity and manifest
 
-    def ensure_identity(self, identity: dict[str, Any]) -> None:
-        """Record what produced the features, or refuse to add to a store made by something else."""
+    def ensure_identity(self, identity: dict[str, Any], optional: Sequence[str] = ()) -> dict[str, Any]:
+        """Record what produced the features, or refuse to add to a store made by something else.
+        ``optional`` keys name extra stored columns (true when held): a store holding one serves
+        configs that do not read it, one without it cannot serve a config that does. Returns the
+        store's identity, whose optional columns every new shard must hold too."""
         uri = self.path("store.json")
         if storage.exists(uri, self.storage_cfg):
             stored = json.loads(storage.read_bytes(uri, self.storage_cfg))
-            if stored != identity:
+            core = lambda d: {k: v for k, v in d.items() if k not in optional}  # noqa: E731
+            if core(stored) != core(identity):
                 diffs = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
                 raise StoreMismatchError(
                     f"feature store {self.uri} was built with other settings ({', '.join(diffs)} differ); "
                     "use another --output, or the settings it was built with"
                 )
-            return
+            lacking = [k for k in optional if identity.get(k) and not stored.get(k)]
+            if lacking:
+                raise StoreMismatchError(
+                    f"feature store {self.uri} was built without {', '.join(lacking)}, which a method of this config "
+                    "reads; featurize into another --output (a store keeps the columns of its first run)"
+                )
+            return stored
         storage.write_bytes(uri, json.dumps(identity, indent=2, sort_keys=True).encode(), self.storage_cfg)
+        return identity
 
     def identity(self) -> dict[str, Any]:
         return json.loads(storage.read_bytes(self.path("store.json"), self.storage_cfg))

@@ -64,12 +64,21 @@ def store_identity(cfg: Config) -> dict[str, Any]:
         "max_side": cfg.featurize.max_side,
         "visual_tokens": cfg.featurize.visual_tokens,
     }
-    if stores_layer_means(cfg):  # recorded only when stored, so stores of the other methods keep their identity
+    if stores_layer_means(cfg):  # an optional column (OPTIONAL_COLUMNS): recorded only when held
         identity["layer_means"] = True
     if tag_declares_quick_gelu(backbone.name, backbone.pretrained):
         # stores featurized before bimors honoured the tag's QuickGELU hold GELU features: never mix them
         identity["quick_gelu"] = True
     return identity
+
+
+#: store identity keys that name extra columns: a store holding one serves configs that do not read it
+OPTIONAL_COLUMNS = ("layer_means",)
+
+
+def open_store(cfg: Config, store: FeatureStore) -> dict[str, Any]:
+    """Check (or record) the store's identity against the config; returns the store's identity."""
+    return store.ensure_identity(store_identity(cfg), OPTIONAL_COLUMNS)
 
 
 def stores_layer_means(cfg: Config) -> bool:
@@ -108,7 +117,7 @@ def featurize(cfg: Config, output: str, data: str | None = None, manifest_uri: s
     start = time.perf_counter()
     manifest = read_manifest(manifest_uri, cfg.storage) if manifest_uri else prepare_dataset(cfg, data)
     store = FeatureStore(output, cfg.storage)
-    store.ensure_identity(store_identity(cfg))
+    open_store(cfg, store)
     store.write_manifest(manifest)
     summary = featurize_manifest(cfg, store, select_tiles(manifest, cfg))  # checks the identity again: cheap
     summary.seconds = time.perf_counter() - start
@@ -118,17 +127,17 @@ def featurize(cfg: Config, output: str, data: str | None = None, manifest_uri: s
 def featurize_manifest(cfg: Config, store: FeatureStore, selected: pa.Table) -> FeaturizeSummary:
     """Featurize the tiles of ``selected`` (manifest rows) that ``store`` does not hold yet."""
     start = time.perf_counter()
-    store.ensure_identity(store_identity(cfg))
+    identity = open_store(cfg, store)
     done = store.done_tile_ids()
     todo = selected.filter(pc.invert(pc.is_in(selected["tile_id"], pa.array(sorted(done), pa.string()))))
     summary = FeaturizeSummary(store.uri, selected.num_rows, selected.num_rows - todo.num_rows, 0, 0)
     if todo.num_rows:
-        _run(cfg, todo, store, summary)
+        _run(cfg, todo, store, summary, layer_means=bool(identity.get("layer_means")))
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _run(cfg: Config, todo: pa.Table, store: FeatureStore, summary: FeaturizeSummary) -> None:
+def _run(cfg: Config, todo: pa.Table, store: FeatureStore, summary: FeaturizeSummary, layer_means: bool) -> None:
     import ray.data
 
     ensure_ray()
@@ -143,10 +152,10 @@ def _run(cfg: Config, todo: pa.Table, store: FeatureStore, summary: FeaturizeSum
         batch_format="numpy",
         num_cpus=fc.decode.num_cpus,
     )
-    for stage_cls, stage in ((CaptionStage, fc.caption), (ClipStage, fc.clip)):
+    for stage_cls, stage, extra in ((CaptionStage, fc.caption, {}), (ClipStage, fc.clip, {"layer_means": layer_means})):
         ds = ds.map_batches(
             stage_cls,
-            fn_constructor_kwargs={"cfg": cfg, "num_gpus": stage.num_gpus},
+            fn_constructor_kwargs={"cfg": cfg, "num_gpus": stage.num_gpus, **extra},
             batch_size=stage.batch_size,
             batch_format="numpy",
             compute=actor_pool(stage),

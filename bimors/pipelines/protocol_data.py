@@ -52,6 +52,9 @@ class ProtocolData:
 def protocol_data(cfg: Config, store: FeatureStore, seed: int, subsample: str | None = None) -> ProtocolData:
     """Train/val rows of ``seed``'s protocol for ``subsample`` (default ``data.subsample``) with their
     features, and the test splits to evaluate: base and new classes when training on the base half."""
+    from bimors.pipelines.featurize import open_store
+
+    open_store(cfg, store)  # a store without a column this method reads is refused here, not in a Ray worker
     subsample = subsample or cfg.data.subsample
     tests = ("base", "new") if subsample == "base" else (subsample,)
     manifest = store.read_manifest()

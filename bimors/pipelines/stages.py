@@ -134,13 +134,12 @@ class ClipStage:
     """Frozen CLIP image tower: normalised embedding and (optionally) the visual tokens and the
     per-block token means."""
 
-    def __init__(self, cfg: Config, num_gpus: float = 0.0):
+    def __init__(self, cfg: Config, num_gpus: float = 0.0, layer_means: bool = False):
         from bimors.models.clip_backbone import FrozenCLIP
-        from bimors.pipelines.featurize import stores_layer_means
 
         self.backbone = FrozenCLIP.load(cfg.model.backbone, cfg.storage, pick_device(num_gpus))
         self.keep_tokens = cfg.featurize.visual_tokens
-        self.keep_means = stores_layer_means(cfg)
+        self.keep_means = layer_means  # the store's choice (its identity), not this config's
 
     def _encode(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
         feats = self.backbone.encode_image(self.backbone.preprocess(images), layer_means=self.keep_means)
