@@ -65,21 +65,24 @@ def test_augmentation_is_reproducible_from_its_generator():
         assert 0 <= top and 0 <= left and top + h <= 96 and left + w <= 80 and h > 0 and w > 0
 
 
-def test_training_checkpoint_restores_learner_optimizer_and_progress(tmp_path, backbone, tiny_config):
-    learner = build_learner(LearnerConfig(method="bimors"), backbone, 384)
+@pytest.mark.parametrize("method", ["bimors", "maple", "applenet"])
+def test_training_checkpoint_restores_learner_optimizer_and_progress(tmp_path, backbone, tiny_config, method):
+    learner_cfg = LearnerConfig(method=method, **({"n_ctx": 2, "prompt_depth": 2} if method == "maple" else {}))
+    learner = build_learner(learner_cfg, backbone, 384)
     classifier = PromptClassifier(backbone, learner, ["forest", "river"])
     optimizer = build_optimizer(tiny_config.optim, classifier.trainable_parameters())
-    image_emb = torch.nn.functional.normalize(torch.randn(2, backbone.embed_dim), dim=-1)
-    tokens, captions = torch.randn(2, 50, backbone.vision_width), torch.randn(2, 384)
+    features = backbone.encode_image(torch.randn(2, 3, backbone.image_size, backbone.image_size), layer_means=True)
+    features = {"image_emb": features.embedding, "visual_tokens": features.tokens, "caption_emb": torch.randn(2, 384),
+                "layer_means": features.layer_means, "pixels": torch.randn(2, 3, backbone.image_size, backbone.image_size)}
     for _ in range(2):
-        loss = torch.nn.functional.cross_entropy(classifier(image_emb, tokens, captions), torch.tensor([0, 1]))
+        _, loss = classifier.training_loss(torch.tensor([0, 1]), **features)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     state = TrainState(epoch=2, history=[{"epoch": 0, "loss": 1.0}, {"epoch": 1, "loss": 0.5}])
     save_training_checkpoint(tmp_path, learner, optimizer, state, ["forest", "river"], backbone, tiny_config)
 
-    fresh = build_learner(LearnerConfig(method="bimors"), backbone, 384)
+    fresh = build_learner(learner_cfg, backbone, 384)
     fresh_optimizer = build_optimizer(tiny_config.optim, [p for p in fresh.parameters() if p.requires_grad])
     restored = restore_training_checkpoint(tmp_path, fresh, fresh_optimizer, backbone)
     assert restored == state
