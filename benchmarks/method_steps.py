@@ -13,18 +13,16 @@ Caption embeddings (BiMoRS) are random 768-d vectors: captioning is featurizatio
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+from train_step import random_backbone, step_arguments
 
 from bimors.config import load_config
 from bimors.data.catalog import get_dataset
 from bimors.models.classifier import PromptClassifier, build_learner
-from bimors.models.clip_backbone import FrozenCLIP, build_random_clip
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = {  # method -> the config whose learner settings it uses
@@ -47,26 +45,13 @@ def step(clf: PromptClassifier, pixels: torch.Tensor, captions: torch.Tensor, la
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="ViT-B-16", help="open_clip architecture built with random weights")
-    parser.add_argument("--dataset", default="patternnet", help="catalog dataset whose class names are used")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--caption-dim", type=int, default=768, help="768 = bert-base-uncased")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser = step_arguments(__doc__)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     args = parser.parse_args()
-
     torch.manual_seed(0)
     device = torch.device(args.device)
     classnames = get_dataset(args.dataset).classnames
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / args.arch
-        build_random_clip(args.arch, folder)
-        backbone_cfg = load_config(REPO / "configs" / "paper.yaml").model.backbone.model_copy(
-            update={"name": str(folder), "pretrained": None, "precision": args.precision})
-        backbone = FrozenCLIP.load(backbone_cfg, device=device)
+    backbone = random_backbone(args.arch, args.precision, device)
     pixels = torch.randn(args.batch, 3, backbone.image_size, backbone.image_size, device=device)
     captions = torch.randn(args.batch, args.caption_dim, device=device)
     labels = torch.randint(0, len(classnames), (args.batch,), device=device)

@@ -63,8 +63,9 @@ def timed(step, clf, *batch, device: torch.device) -> tuple[float, torch.Tensor,
     return time.perf_counter() - start, loss, grads
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_arguments(description: str) -> argparse.ArgumentParser:
+    """The options of the training-step benchmarks (this one and method_steps.py)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="ViT-B-16", help="open_clip architecture built with random weights")
     parser.add_argument("--dataset", default="patternnet", help="catalog dataset whose class names are used")
     parser.add_argument("--batch", type=int, default=4)
@@ -72,15 +73,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
-    args = parser.parse_args()
+    return parser
 
+
+def random_backbone(arch: str, precision: str, device: torch.device) -> FrozenCLIP:
+    """``arch`` with seeded random weights, loaded through the real loading path."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / arch
+        build_random_clip(arch, folder)
+        return FrozenCLIP.load(BackboneConfig(name=str(folder), pretrained=None, precision=precision), device=device)
+
+
+def main() -> None:
+    args = step_arguments(__doc__).parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)
     classnames = get_dataset(args.dataset).classnames
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / args.arch
-        build_random_clip(args.arch, folder)
-        backbone = FrozenCLIP.load(BackboneConfig(name=str(folder), pretrained=None, precision=args.precision), device=device)
+    backbone = random_backbone(args.arch, args.precision, device)
     learner = build_learner(LearnerConfig(method="bimors"), backbone, args.caption_dim)
     clf = PromptClassifier(backbone, learner, classnames, truncate=True).train()
     clf_full = PromptClassifier(backbone, learner, classnames, truncate=False).train()

@@ -136,7 +136,8 @@ class PromptClassifier(nn.Module):
     ) -> torch.Tensor:
         """Logits [B, C] from frozen features (see :class:`~bimors.models.clip_backbone.ImageFeatures`),
         or from preprocessed ``pixels`` for a learner that prompts the image tower."""
-        return self.logits_and_prompts(image_emb, visual_tokens, caption_emb, layer_means, pixels)[0]
+        return self.logits_and_prompts(image_emb=image_emb, visual_tokens=visual_tokens, caption_emb=caption_emb,
+                                       layer_means=layer_means, pixels=pixels)[0]
 
     def training_loss(self, labels: torch.Tensor, **features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, loss): cross-entropy plus the learner's own term (APPLeNet's penalty)."""
@@ -145,18 +146,12 @@ class PromptClassifier(nn.Module):
         extra = self.learner.regularization(prompts)
         return logits, loss if extra is None else loss + extra
 
-    def logits_and_prompts(
-        self,
-        image_emb: torch.Tensor | None = None,
-        visual_tokens: torch.Tensor | None = None,
-        caption_emb: torch.Tensor | None = None,
-        layer_means: torch.Tensor | None = None,
-        pixels: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Prompts]:
+    def logits_and_prompts(self, **features: torch.Tensor | None) -> tuple[torch.Tensor, Prompts]:
+        """Logits and the learner's prompts from the features :meth:`forward` takes, by name."""
         device = self.backbone.device
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        image_emb, layer_means = move(image_emb), move(layer_means)
-        out = self.learner(image_emb, move(visual_tokens), move(caption_emb), layer_means)
+        f = {k: None if v is None else v.to(device) for k, v in features.items() if k != "pixels"}
+        image_emb, pixels = f.get("image_emb"), features.get("pixels")
+        out = self.learner(image_emb, f.get("visual_tokens"), f.get("caption_emb"), f.get("layer_means"))
         prompts = out if isinstance(out, Prompts) else Prompts(out)
         if "pixels" in self.learner.uses:
             if pixels is None:
