@@ -70,3 +70,16 @@ def learner_checkpoint(tiny_config: Config, backbone, caption_encoder, tmp_path_
     learner = build_learner(tiny_config.model.learner, backbone, caption_encoder.dim)
     save_learner(str(folder), learner, SCENE_CLASSES, backbone.identity, tiny_config.model_dump(mode="json"))
     return folder
+
+
+def raw_tile_report(cfg: Config, store, checkpoint: str, split, backbone):
+    """A split's classification report from its tiles' pixels through Predictor.classify_images, the
+    path of the nightly job and the endpoint, to set against the evaluation pipeline's report."""
+    from bimors.data.tiles import read_tile
+    from bimors.pipelines.inference import Predictor
+    from bimors.pipelines.metrics import classification_report
+
+    uri_of = dict(zip(*store.read_manifest().select(["tile_id", "uri"]).to_pydict().values()))
+    images = [read_tile(uri_of[t], cfg.data.decode, cfg.storage, cfg.featurize.max_side) for t in split.rows.column("tile_id").to_pylist()]
+    predictor = Predictor.from_checkpoint(cfg, checkpoint, classnames=split.classnames, backbone=backbone)
+    return classification_report(split.rows.column("label").to_numpy(), predictor.classify_images(images).argmax(-1), split.classnames)

@@ -196,8 +196,14 @@ def test_evaluate_workflow_writes_mean_std_tables(ray_cluster, tmp_path, model_d
     assert len(client.search_runs([experiment.experiment_id], "tags.method = 'coop'")) == 2
 
 
-def test_domain_generalization_trains_on_patternnetv2_and_tests_on_the_others(ray_cluster, tmp_path, tiny_config):
+def test_domain_generalization_trains_on_patternnetv2_and_tests_on_the_others(ray_cluster, tmp_path, tiny_config, backbone):
+    """With APPLeNet on two DDP workers: its per-block token means are featurized into every store
+    (source and targets), read back for training and streamed to evaluation, whose report matches
+    the raw-tile path of the nightly job and the endpoint."""
+    from bimors.pipelines.feature_store import FeatureStore
+    from bimors.pipelines.protocol_data import eval_split
     from bimors.pipelines.protocol_runs import run_protocol
+    from model_fixtures import raw_tile_report
 
     source, targets = DOMAIN_GENERALIZATION
     roots = {}
@@ -211,17 +217,24 @@ def test_domain_generalization_trains_on_patternnetv2_and_tests_on_the_others(ra
         f"model.backbone.name={tiny_config.model.backbone.name}", f"model.captioner.name={tiny_config.model.captioner.name}",
         "featurize.decode.num_cpus=0.25", "featurize.caption.actors=1", "featurize.caption.num_cpus=0.25",
         "featurize.clip.num_cpus=0.25", "train.cpus_per_worker=0.5", "evaluate.predict.num_cpus=0.25",
-        "optim.epochs=2", "optim.batch_size=4", "tracking.enabled=false",
-        "evaluate.methods=[coop]", "evaluate.seeds=[1]",
+        "optim.epochs=2", "optim.batch_size=4", "tracking.enabled=false", "train.workers=2",
+        "evaluate.methods=[applenet]", "evaluate.seeds=[1]",
         *[f"evaluate.datasets.{name}={root}" for name, root in roots.items()],
     ])
     table = run_protocol(cfg, str(tmp_path / "out"), "domain-generalization")
     assert table.columns == [source, *targets]
     for column in table.columns:
-        mean, _, n = table.cell("coop", column)
+        mean, _, n = table.cell("applenet", column)
         assert n == 1 and 0 <= mean <= 100
         assert table.counts[column] == 16 * split_sizes(5, 0.5, 0.2)[2]  # every test tile of the 16 shared classes
+        assert FeatureStore(str(tmp_path / "out" / column / "features")).identity()["layer_means"] is True
     assert (tmp_path / "out" / "tables" / "domain-generalization.md").is_file()
+    (run,) = table.runs
+    assert [h["encoded_images"] for h in run.history] == [0, 0]  # trained from the store
+    source_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"dataset": source, "root": roots[source]})})
+    store = FeatureStore(str(tmp_path / "out" / source / "features"))
+    raw = raw_tile_report(source_cfg, store, run.checkpoint, eval_split(source_cfg, store, seed=1), backbone)
+    assert raw.confusion.tolist() == run.reports["all"].confusion.tolist()
 
 
 def test_transfer_protocols_name_missing_dataset_roots(tiny_config, tmp_path):
