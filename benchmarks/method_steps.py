@@ -81,13 +81,13 @@ def main() -> None:
         assert torch.isfinite(loss), method
         params = sum(p.numel() for p in clf.trainable_parameters())
         rows.append((method, params, statistics.median(times)))
-        print(f"  {method:9s} {params / 1e6:6.2f} M learnable  {rows[-1][2]:7.3f} s/step (median of {args.repeats})", flush=True)
+        print(f"  {method:9s} {params:>11,} learnable  {rows[-1][2]:7.3f} s/step (median of {args.repeats})", flush=True)
 
     base = dict((m, t) for m, _, t in rows).get("bimors")
     print("\n| method | learnable parameters | s/step | vs BiMoRS |\n|---|---|---|---|")
     for method, params, seconds in rows:
         ratio = f"{seconds / base:.2f}x" if base else "-"
-        print(f"| {method} | {params / 1e6:.2f} M | {seconds:.3f} | {ratio} |")
+        print(f"| {method} | {params:,} | {seconds:.3f} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -125,7 +125,9 @@ def test_train_workflow_through_ray_job_submit(tmp_path, model_dir):
     assert start.returncode == 0, start.stderr[-2000:]
     try:
         address = f"--address=http://127.0.0.1:{dashboard}"
-        args = overrides(model_dir, tmp_path / "tiles", None)
+        # what is under test is the submission; the run itself is as small as the workflow allows
+        args = overrides(model_dir, tmp_path / "tiles", None, ["data.synthetic.images_per_class=6", "data.shots=2",
+                                                               "featurize.seeds=[1]", "optim.epochs=2"])
         submit = [str(ray_bin), "job", "submit", address, "--working-dir", str(REPO),
                   "--", "python", "workflows/train.py", "--config", "configs/quickstart.yaml",
                   "--output", str(tmp_path / "out"), *args]
