@@ -23,7 +23,8 @@ from bimors.data.protocols import protocol_rows
 from bimors.data.synthetic import generate_synthetic
 from bimors.pipelines.feature_store import FeatureStore
 from bimors.pipelines.runtime import actor_pool, ensure_ray
-from bimors.pipelines.stages import CaptionStage, ClipStage, ShardWriter, decode_batch
+from bimors.pipelines.shard_writer import ShardWriter
+from bimors.pipelines.stages import CaptionStage, ClipStage, decode_batch
 
 log = logging.getLogger(__name__)
 

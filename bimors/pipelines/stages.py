@@ -14,18 +14,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from bimors.config import Config, DecodeConfig, StorageConfig
 from bimors.data.decode import DecodeError
-from bimors.data.manifest import MANIFEST_SCHEMA
 from bimors.data.tiles import read_tile
 from bimors.storage import StorageError
 
 if TYPE_CHECKING:
     from bimors.pinned_model import PinnedModel
-    from bimors.pipelines.feature_store import FeatureStore
 
 Batch = dict[str, np.ndarray]
 T = TypeVar("T")
@@ -209,43 +206,3 @@ class ClassifyStage:
         del batch["image"]
         batch.pop("caption_emb", None)
         return batch
-
-
-class ShardWriter:
-    """Writes each batch's stored rows as one features shard and its failures as one errors shard.
-    An actor rather than tasks: one long-lived process instead of a stream of short-lived workers."""
-
-    def __init__(self, store_uri: str, storage_cfg: StorageConfig | None):
-        from bimors.pipelines.feature_store import FeatureStore
-
-        self.store = FeatureStore(store_uri, storage_cfg)
-
-    def __call__(self, batch: Batch) -> Batch:
-        return write_batch(batch, self.store)
-
-
-def write_batch(batch: Batch, store: "FeatureStore") -> Batch:
-    from bimors.pipelines.feature_store import ERRORS, ERROR_SCHEMA, FEATURES, tensor_column, with_shapes
-
-    failed = np.array([bool(e) for e in batch["error"]], dtype=bool)
-    ok = ~failed
-    if ok.any():
-        columns: dict[str, Any] = {
-            name: pa.array(batch[name][ok].tolist(), type=MANIFEST_SCHEMA.field(name).type) for name in MANIFEST_SCHEMA.names
-        }
-        columns["caption"] = pa.array(batch["caption"][ok].tolist(), pa.string())
-        shapes = {}
-        for name, dtype in (("caption_emb", pa.float32()), ("image_emb", pa.float32()), ("visual_tokens", pa.float16()),
-                            ("layer_means", pa.float16())):
-            if name in batch:
-                values = np.asarray(batch[name][ok])
-                columns[name] = tensor_column(values, dtype)
-                shapes[name] = values.shape[1:]
-        store.write_shard(FEATURES, with_shapes(pa.table(columns), shapes))
-    if failed.any():
-        errors = pa.table(
-            {name: pa.array(batch[name][failed].tolist(), pa.string()) for name in ERROR_SCHEMA.names},
-            schema=ERROR_SCHEMA,
-        )
-        store.write_shard(ERRORS, errors)
-    return {"tile_id": batch["tile_id"], "stage": batch["stage"]}
