@@ -219,3 +219,18 @@ def test_a_learner_trained_on_the_gelu_build_is_refused_on_the_quick_gelu_build(
     quick = FrozenCLIP.load(BackboneConfig(name="bimors-tiny", pretrained=str(_openai_format_file(model_dir, tmp_path))))
     with pytest.raises(CheckpointMismatchError, match="QuickGELU"):
         load_learner(str(tmp_path / "ckpt"), quick)
+
+
+def test_a_model_whose_own_config_says_quick_gelu_keeps_its_identity(tmp_path):
+    """Folders and hub models carry the activation in their config and always got it: nothing is
+    forced, so the identity (and every learner checkpoint trained on it) stays as it was."""
+    from bimors.models.clip_backbone import build_random_clip
+
+    (tmp_path / "configs").mkdir()
+    tiny = open_clip.get_model_config("bimors-tiny")
+    (tmp_path / "configs" / "bimors-test-tiny-quickgelu.json").write_text(json.dumps(tiny | {"quick_gelu": True}))
+    open_clip.add_model_config(tmp_path / "configs")
+    build_random_clip("bimors-test-tiny-quickgelu", tmp_path / "clip")
+    loaded = FrozenCLIP.load(BackboneConfig(name=str(tmp_path / "clip"), pretrained=None))
+    assert {type(m).__name__ for m in loaded.model.modules() if "GELU" in type(m).__name__} == {"QuickGELU"}
+    assert "quick_gelu" not in loaded.identity

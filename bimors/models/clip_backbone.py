@@ -120,19 +120,21 @@ def is_openai_checkpoint(path: Path) -> bool:
 
 
 def tag_declares_quick_gelu(name: str, pretrained: str | None) -> bool:
-    """An open_clip pretrained tag trained with QuickGELU (OpenAI's are). open_clip builds
-    ``ViT-B-16`` with GELU even then and only warns, which moves the logits of OpenAI's weights by
-    up to 0.1."""
+    """An open_clip pretrained tag trained with QuickGELU (OpenAI's are)."""
     if not pretrained or name.startswith(("hf-hub:", "local-dir:")) or is_folder_reference(name):
         return False  # hub ids and folders carry the activation in their own config
     return bool((open_clip.get_pretrained_cfg(name, pretrained) or {}).get("quick_gelu", False))
 
 
-def trained_with_quick_gelu(name: str, pretrained: str | None) -> bool:
-    """Whether the weights (tag or local checkpoint file) were trained with QuickGELU."""
+def needs_forced_quick_gelu(name: str, pretrained: str | None) -> bool:
+    """The weights (a tag, or a local checkpoint file in OpenAI's format) were trained with
+    QuickGELU but open_clip's config for ``name`` builds GELU: open_clip would build ``ViT-B-16``
+    for ``pretrained: openai`` with GELU and only warn, which moves the logits by up to 0.1."""
     if pretrained and Path(pretrained).is_file():
-        return is_openai_checkpoint(Path(pretrained))
-    return tag_declares_quick_gelu(name, pretrained)
+        trained = is_openai_checkpoint(Path(pretrained))
+    else:
+        trained = tag_declares_quick_gelu(name, pretrained)
+    return trained and not (open_clip.get_model_config(name.replace("/", "-")) or {}).get("quick_gelu", False)
 
 
 def _create_model(name: str, pretrained: str | None, quick_gelu: bool) -> nn.Module:
@@ -146,7 +148,7 @@ def _create_model(name: str, pretrained: str | None, quick_gelu: bool) -> nn.Mod
                 "safetensors from the hub) or a state dict saved with torch.save(model.state_dict())"
             )
         if is_openai_checkpoint(path):
-            model = open_clip.create_model(name, pretrained=None, force_quick_gelu=True)
+            model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick_gelu)
             state = open_clip.factory.load_state_dict(str(path), weights_only=True)
             model.load_state_dict({k: v for k, v in state.items() if k not in OPENAI_EXTRA_KEYS}, strict=True)
             return model
@@ -184,10 +186,6 @@ def _run_blocks(transformer: nn.Module, x: torch.Tensor, mask: torch.Tensor | No
         x = block(x if batch_first else x.transpose(0, 1), attn_mask=mask)
         x = x if batch_first else x.transpose(0, 1)
     return x
-
-
-def _uses_quick_gelu(model: nn.Module) -> bool:
-    return any(isinstance(m, open_clip.transformer.QuickGELU) for m in model.modules())
 
 
 class FrozenCLIP(FrozenModule):
@@ -233,7 +231,7 @@ class FrozenCLIP(FrozenModule):
     ) -> "FrozenCLIP":
         name, pretrained = _open_clip_source(cfg, storage_cfg)
         try:
-            quick_gelu = trained_with_quick_gelu(name, pretrained)
+            quick_gelu = needs_forced_quick_gelu(name, pretrained)
             model = _create_model(name, pretrained, quick_gelu)
         except ModelUnavailableError:
             raise
@@ -250,7 +248,7 @@ class FrozenCLIP(FrozenModule):
             "vision_width": int(model.visual.class_embedding.shape[-1]) if hasattr(model.visual, "class_embedding") else None,
             "fingerprint": _fingerprint(model),
         }
-        if _uses_quick_gelu(model):  # recorded only when set, so identities of GELU models stay as they were
+        if quick_gelu:  # recorded only where the build changed, so other identities stay as they were
             identity["quick_gelu"] = True
         dtype = resolve_dtype(cfg.precision, device)
         model = model.to(device=device, dtype=dtype)

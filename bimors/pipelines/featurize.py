@@ -54,7 +54,7 @@ class FeaturizeSummary:
 
 def store_identity(cfg: Config) -> dict[str, Any]:
     """What makes stored features what they are: a store never mixes features of other models."""
-    from bimors.models.clip_backbone import tag_declares_quick_gelu
+    from bimors.models.clip_backbone import needs_forced_quick_gelu
 
     backbone = cfg.model.backbone
     identity = {
@@ -67,7 +67,7 @@ def store_identity(cfg: Config) -> dict[str, Any]:
     }
     if stores_layer_means(cfg):  # an optional column (OPTIONAL_COLUMNS): recorded only when held
         identity["layer_means"] = True
-    if tag_declares_quick_gelu(backbone.name, backbone.pretrained):
+    if needs_forced_quick_gelu(backbone.name, backbone.pretrained):
         # stores featurized before bimors honoured the tag's QuickGELU hold GELU features: never mix them
         identity["quick_gelu"] = True
     return identity
