@@ -1,7 +1,8 @@
 """MaPLe through the whole harness (real Ray, MLflow, Serve): the base-to-new protocol with MLflow
-tracking, training from pixels, evaluation from decoded tiles, the nightly job; and a Serve
-classifier replica with an APPLeNet model. APPLeNet's run through a protocol (two DDP workers, the
-store's per-block token means) is tests/test_experiment.py's domain-generalization test."""
+tracking, training from pixels on two DDP workers, evaluation from decoded tiles, the nightly job;
+and APPLeNet in the nightly job and a Serve classifier replica. APPLeNet's run through a protocol
+(two DDP workers, the store's per-block token means) is tests/test_experiment.py's
+domain-generalization test."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def maple_run(ray_cluster, tiny_config, tmp_path_factory, mlflow_server):
         "model": base.model.model_dump() | {"learner": base.model.learner.model_dump() | {"method": "maple", "n_ctx": 2, "prompt_depth": 2}},
         "featurize": base.featurize.model_dump() | {"seeds": [1]},
         "optim": base.optim.model_dump() | {"epochs": 2, "batch_size": 2, "lr": 0.05, "warmup_epochs": 1},
-        "train": base.train.model_dump() | {"cpus_per_worker": 0.5, "features": "online"},
+        "train": base.train.model_dump() | {"cpus_per_worker": 0.5, "features": "online", "workers": 2},
         "evaluate": base.evaluate.model_dump() | {"methods": ["maple"], "seeds": [1],
                                                   "predict": {"batch_size": 64, "actors": 1, "num_cpus": 0.25}},
         "tracking": base.tracking.model_dump() | {"enabled": True, "uri": mlflow_server.uri, "experiment": "maple"},
@@ -78,37 +79,47 @@ def test_maple_evaluation_from_decoded_tiles_matches_the_raw_tile_path(maple_run
         assert raw.confusion.tolist() == report.reports[name].confusion.tolist(), name
 
 
-def test_the_nightly_job_classifies_a_scene_with_a_maple_model(maple_run, tmp_path):
+@pytest.fixture(scope="module")
+def applenet_checkpoint(tiny_config, backbone, caption_encoder, tmp_path_factory) -> str:
+    """An (untrained) APPLeNet learner on the tiny backbone, saved as a real checkpoint folder."""
+    from bimors.config import LearnerConfig
+    from bimors.models.checkpoint import save_learner
+    from bimors.models.classifier import build_learner
+
+    folder = tmp_path_factory.mktemp("applenet") / "checkpoint"
+    learner = build_learner(LearnerConfig(method="applenet"), backbone, caption_encoder.dim)
+    save_learner(str(folder), learner, SCENE_CLASSES, backbone.identity, tiny_config.model_dump(mode="json"))
+    return str(folder)
+
+
+@pytest.mark.parametrize("method", ["maple", "applenet"])
+def test_the_nightly_job_classifies_a_scene(maple_run, applenet_checkpoint, tmp_path, method):
     from bimors.pipelines.nightly import run_nightly
 
     cfg, out, table = maple_run
+    checkpoint = table.runs[0].checkpoint if method == "maple" else applenet_checkpoint
     (tmp_path / "in").mkdir()
     write_synthetic_scene(tmp_path / "in" / "a.tif", SCENE_CLASSES, (1, 2), block=64, bands=3, dtype="uint8")
     cfg = cfg.model_copy(update={"scene": cfg.scene.model_copy(update={"tile_size": 64})})
-    report = run_nightly(cfg, str(tmp_path / "in"), str(tmp_path / "out"), table.runs[0].checkpoint)
+    report = run_nightly(cfg, str(tmp_path / "in"), str(tmp_path / "out"), checkpoint)
     assert (report.classified, report.failed, report.tiles) == (1, 0, 2)
     assert json.loads((tmp_path / "out" / "a" / "summary.json").read_text())["classified"] == 2
 
 
-def test_a_serve_classifier_replica_answers_with_an_applenet_model(ray_cluster, tiny_config, backbone, caption_encoder, tmp_path):
+def test_a_serve_classifier_replica_answers_with_an_applenet_model(ray_cluster, tiny_config, backbone, applenet_checkpoint):
     from ray import serve
 
-    from bimors.config import LearnerConfig
-    from bimors.models.checkpoint import save_learner
-    from bimors.models.classifier import build_learner
     from bimors.pinned_model import pin_model
     from bimors.serve.deployments import ClassifierDeployment
 
-    learner = build_learner(LearnerConfig(method="applenet"), backbone, caption_encoder.dim)
-    save_learner(str(tmp_path / "applenet"), learner, SCENE_CLASSES, backbone.identity, tiny_config.model_dump(mode="json"))
     handle = serve.run(ClassifierDeployment.options(ray_actor_options={"num_cpus": 0.25}).bind(
-        tiny_config, pin_model(str(tmp_path / "applenet"), tiny_config)), name="applenet-test", route_prefix=None)
+        tiny_config, pin_model(applenet_checkpoint, tiny_config)), name="applenet-test", route_prefix=None)
     try:
         info = handle.info.remote().result()
         assert info["method"] == "applenet" and info["needs_captions"] is False and info["classes"] == SCENE_CLASSES
         image = random_images(1, size=64, seed=4)[0]
         probs = handle.classify.remote((image, None)).result()
-        expected = build_predictor(tiny_config, str(tmp_path / "applenet"), backbone).classify_images([image])[0]
+        expected = build_predictor(tiny_config, applenet_checkpoint, backbone).classify_images([image])[0]
         assert abs(float(probs.sum()) - 1) < 1e-4 and abs(probs - expected).max() < 1e-5
     finally:
         serve.shutdown()  # the next module starts Serve with its own HTTP options
