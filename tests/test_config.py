@@ -48,6 +48,13 @@ def test_maple_with_cached_features_is_a_config_error():
     assert online.methods() >= {"maple"}
 
 
+def test_the_configs_pixel_methods_are_the_learners_that_read_pixels():
+    from bimors.config import PIXEL_METHODS
+    from bimors.models.methods import LEARNERS
+
+    assert set(PIXEL_METHODS) == {m for m, learner in LEARNERS.items() if "pixels" in learner.uses}
+
+
 def test_overrides_are_typed_yaml_values():
     cfg = load_config(REPO / "configs" / "quickstart.yaml", ["optim.lr=0.5", "model.learner.method=coop",
                                                              "data.decode.bands=[4, 3, 2]", "model.learner.ctx_init=null"])

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from bimors.config import Config
 from bimors.data.synthetic import generate_synthetic
 from bimors.data.synthetic_scene import write_synthetic_scene
 from bimors.pipelines.feature_store import FeatureStore
@@ -110,6 +109,7 @@ def test_a_serve_classifier_replica_answers_with_an_applenet_model(ray_cluster, 
     from ray import serve
 
     from bimors.pinned_model import pin_model
+    from bimors.pipelines.inference import Predictor
     from bimors.serve.deployments import ClassifierDeployment
 
     handle = serve.run(ClassifierDeployment.options(ray_actor_options={"num_cpus": 0.25}).bind(
@@ -119,13 +119,8 @@ def test_a_serve_classifier_replica_answers_with_an_applenet_model(ray_cluster, 
         assert info["method"] == "applenet" and info["needs_captions"] is False and info["classes"] == SCENE_CLASSES
         image = random_images(1, size=64, seed=4)[0]
         probs = handle.classify.remote((image, None)).result()
-        expected = build_predictor(tiny_config, applenet_checkpoint, backbone).classify_images([image])[0]
+        expected = Predictor.from_checkpoint(tiny_config, applenet_checkpoint, backbone=backbone).classify_images([image])[0]
         assert abs(float(probs.sum()) - 1) < 1e-4 and abs(probs - expected).max() < 1e-5
     finally:
         serve.shutdown()  # the next module starts Serve with its own HTTP options
 
-
-def build_predictor(cfg: Config, checkpoint: str, backbone):
-    from bimors.pipelines.inference import Predictor
-
-    return Predictor.from_checkpoint(cfg, checkpoint, backbone=backbone)

@@ -148,21 +148,11 @@ def _stored_rows(cfg: Config, store: FeatureStore, uses: frozenset[str]):
 
 def _decoded_tiles(cfg: Config, store: FeatureStore, splits: dict[str, EvalSplit]):
     """The splits' tiles read and decoded by Ray Data tasks (featurize's decode step)."""
-    import ray.data
-
-    from bimors.pipelines.stages import decode_batch
+    from bimors.pipelines.featurize import decoded_tiles
 
     wanted = pa.array(sorted({t for s in splits.values() for t in s.rows.column("tile_id").to_pylist()}), pa.string())
     manifest = store.read_manifest()
-    rows = manifest.filter(pc.is_in(manifest["tile_id"], wanted)).select(["tile_id", "uri"])
-    block = cfg.featurize.decode.batch_size
-    return ray.data.from_arrow([rows.slice(i, block) for i in range(0, rows.num_rows, block)]).map_batches(
-        decode_batch,
-        fn_kwargs={"decode_cfg": cfg.data.decode, "storage_cfg": cfg.storage, "max_side": cfg.featurize.max_side},
-        batch_size=block,
-        batch_format="numpy",
-        num_cpus=cfg.featurize.decode.num_cpus,
-    )
+    return decoded_tiles(cfg, manifest.filter(pc.is_in(manifest["tile_id"], wanted)).select(["tile_id", "uri"]))
 
 
 def _learner_uses(cfg: Config, checkpoint: str) -> frozenset[str]:

@@ -138,21 +138,28 @@ def featurize_manifest(cfg: Config, store: FeatureStore, selected: pa.Table) -> 
     return summary
 
 
+def decoded_tiles(cfg: Config, rows: pa.Table):
+    """A Ray dataset of ``rows`` (manifest rows: tile_id, uri, ...) read and decoded by Ray Data
+    tasks, a bad tile recorded on its row (``decode_batch``); featurize's first step, and how
+    evaluation reads the tiles of a learner that takes pixels."""
+    import ray.data
+
+    block = cfg.featurize.decode.batch_size
+    return ray.data.from_arrow([rows.slice(i, block) for i in range(0, rows.num_rows, block)]).map_batches(
+        decode_batch,
+        fn_kwargs={"decode_cfg": cfg.data.decode, "storage_cfg": cfg.storage, "max_side": cfg.featurize.max_side},
+        batch_size=block,
+        batch_format="numpy",
+        num_cpus=cfg.featurize.decode.num_cpus,
+    )
+
+
 def _run(cfg: Config, todo: pa.Table, store: FeatureStore, summary: FeaturizeSummary, layer_means: bool) -> None:
     import ray.data
 
     ensure_ray()
     fc = cfg.featurize
-    block = fc.decode.batch_size
-    blocks = [todo.slice(i, block) for i in range(0, todo.num_rows, block)]
-    ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={"decode_cfg": cfg.data.decode, "storage_cfg": cfg.storage, "max_side": fc.max_side},
-        batch_size=fc.decode.batch_size,
-        batch_format="numpy",
-        num_cpus=fc.decode.num_cpus,
-    )
+    ds = decoded_tiles(cfg, todo)
     for stage_cls, stage, extra in ((CaptionStage, fc.caption, {}), (ClipStage, fc.clip, {"layer_means": layer_means})):
         ds = ds.map_batches(
             stage_cls,

@@ -56,7 +56,8 @@ class Features:
 
     def replace(self, other: "Features") -> "Features":
         """These features with every field ``other`` has replaced by it."""
-        return Features(**{k: other.as_dict()[k] if other.as_dict()[k] is not None else v for k, v in self.as_dict().items()})
+        given = other.as_dict()
+        return Features(**{k: v if given[k] is None else given[k] for k, v in self.as_dict().items()})
 
 
 def features_from_table(table: pa.Table, uses: frozenset[str]) -> Features:
